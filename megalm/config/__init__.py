@@ -1,0 +1,10 @@
+"""Typed run configuration: dataclasses loaded from YAML with field-named validation errors.
+
+`loader` holds the generic machinery; each section has its own module (`data`, and as the engine
+lands `model`, `parallel`, `train`, `run`).
+"""
+from .data import DataConfig, parse_split
+from .loader import ConfigError, apply_overrides, from_dict, load_yaml, require, to_dict
+
+__all__ = ["ConfigError", "DataConfig", "apply_overrides", "from_dict", "load_yaml", "parse_split",
+           "require", "to_dict"]

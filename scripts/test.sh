@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test command (README, .ci/run): set up .venv and the system packages the tests need, run pytest.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k prep`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+. .venv/bin/activate
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then echo "pytest collected no tests: failing (exit 5 must not pass silently)" >&2; exit 1; fi
+exit "$rc"

@@ -1,0 +1,36 @@
+"""megalm: distributed training of Llama-style language models (TP x PP x DP/ZeRO on DeepSpeed)."""
+from setuptools import find_packages, setup
+
+# torch is pinned without a local tag so that both the CPU build (2.13.0+cpu) and the CUDA build
+# (2.13.0) satisfy it; scripts/bootstrap.sh installs the right one *before* this package so that pip
+# never resolves a multi-GB CUDA wheel on a CPU-only machine.
+RUNTIME = [
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "numpy==2.4.6",
+    "pyarrow==26.0.1",
+    "tensorboard==2.21.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "PyYAML==6.0.3",
+    "tqdm==4.70.1",
+    "zstandard==0.25.0",
+]
+
+setup(
+    name="megalm",
+    version="0.1.0",
+    description="3D-parallel (TP x PP x DP/ZeRO) training of Llama-style decoders on DeepSpeed",
+    packages=find_packages(include=["megalm", "megalm.*", "data_prep", "data_prep.*", "launcher", "launcher.*"]),
+    python_requires=">=3.10",
+    install_requires=RUNTIME,
+    extras_require={
+        "mpi": ["mpich==5.0.2", "mpi4py==4.1.2"],
+        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megalm-prep=data_prep.cli:main",
+        ]
+    },
+)
