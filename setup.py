@@ -31,6 +31,8 @@ setup(
     entry_points={
         "console_scripts": [
             "megalm-prep=data_prep.cli:main",
+            "megalm-train=megalm.train:main",
+            "megalm-launch=launcher.cli:main",
         ]
     },
 )

@@ -4,6 +4,7 @@
 lands `model`, `parallel`, `train`, `run`).
 """
 from .data import DataConfig, parse_split
+from .model import ModelConfig, load_model_config
 from .loader import ConfigError, apply_overrides, from_dict, load_yaml, require, to_dict
 
 __all__ = ["ConfigError", "DataConfig", "apply_overrides", "from_dict", "load_yaml", "parse_split",

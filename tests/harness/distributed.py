@@ -107,6 +107,7 @@ class RankPool:
         return os.path.join(self._stack_dir, f"rank{rank}.stack")
 
     def run(self, fn: Callable, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+        __tracebackhide__ = True  # the failure is the ranks' tracebacks in the message, not this frame
         if self.broken:
             raise RankPoolError("pool is broken by an earlier failure; create a new one")
         task_id = self._next_task
@@ -117,6 +118,7 @@ class RankPool:
 
     def _collect(self, kind: str, task_id: int | None, timeout: float, what: str,
                  error_grace: float = 10.0) -> list[Any]:
+        __tracebackhide__ = True
         out: dict[int, Any] = {}
         errors: dict[int, str] = {}
         deadline = time.monotonic() + timeout

@@ -1,0 +1,122 @@
+"""Megatron-style tensor-parallel layers (no biases: the Llama decoder has none).
+
+    ColumnParallelLinear   W [out, in] split along out (dim 0): y_shard = x @ W_shard^T
+    RowParallelLinear      W [out, in] split along in  (dim 1): y = sum over ranks of x_shard @ W_shard^T
+    VocabParallelEmbedding W [vocab_padded, dim] split along vocab (dim 0)
+
+A column layer followed by a row layer needs one all-reduce forward and one backward. Every layer
+takes its TP group explicitly (`tp_group=None`: not tensor-parallel) and draws its full weight from
+(seed, init_key) before slicing, so weights are TP-invariant (see `init.py`).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .comm import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size, reduce_from_tp_region,
+                   scatter_to_tp_region)
+from .init import full_normal, new_parameter, shard
+
+
+def _split(size: int, world: int, what: str) -> int:
+    if size % world != 0:
+        raise ValueError(f"{what} = {size} is not divisible by the tensor-parallel size {world}")
+    return size // world
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over TP ranks. Input replicated; output sharded on the last
+    dim unless `gather_output`."""
+
+    def __init__(self, in_features: int, out_features: int, *, gather_output: bool = False,
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.gather_output = gather_output
+        world, rank = group_size(tp_group), group_rank(tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_features_per_rank = _split(out_features, world, f"{init_key}: out_features")
+        full = full_normal((out_features, in_features), init_std, seed, init_key)
+        self.weight = new_parameter(shard(full, 0, rank, world), partition_dim=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(copy_to_tp_region(x, self.tp_group), self.weight)
+        return gather_from_tp_region(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split over TP ranks; partial products are summed (all-reduce).
+    Input already sharded on its last dim (`input_is_parallel`) or split here; output replicated."""
+
+    def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = True,
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+        super().__init__()
+        self.tp_group = tp_group
+        self.input_is_parallel = input_is_parallel
+        world, rank = group_size(tp_group), group_rank(tp_group)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_features_per_rank = _split(in_features, world, f"{init_key}: in_features")
+        full = full_normal((out_features, in_features), init_std, seed, init_key)
+        self.weight = new_parameter(shard(full, 1, rank, world), partition_dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = scatter_to_tp_region(x, self.tp_group)
+        return reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding table split by vocabulary rows. Each rank looks up the ids in its range, zeros the
+    rest, and the all-reduce assembles the full embedding.
+
+    `num_embeddings` (<= the padded size) rows are drawn from (seed, init_key) and the padding rows are
+    zero, so real rows are identical whatever padding a TP size implies."""
+
+    def __init__(self, num_embeddings_padded: int, embedding_dim: int, *, num_embeddings: Optional[int] = None,
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+        super().__init__()
+        self.tp_group = tp_group
+        world, rank = group_size(tp_group), group_rank(tp_group)
+        self.num_embeddings = num_embeddings_padded if num_embeddings is None else num_embeddings
+        if self.num_embeddings > num_embeddings_padded:
+            raise ValueError(f"{init_key}: num_embeddings {self.num_embeddings} > padded size {num_embeddings_padded}")
+        self.num_embeddings_padded = num_embeddings_padded
+        self.embedding_dim = embedding_dim
+        per_rank = _split(num_embeddings_padded, world, f"{init_key}: padded vocabulary")
+        self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
+        self.weight = new_parameter(vocab_weight_shard(self.num_embeddings, num_embeddings_padded, embedding_dim,
+                                                       init_std, seed, init_key, rank, world), partition_dim=0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is None or group_size(self.tp_group) == 1:
+            return F.embedding(ids, self.weight)
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        emb = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(emb, self.tp_group)
+
+
+def vocab_weight_shard(num_embeddings: int, num_embeddings_padded: int, dim: int, init_std: float, seed: int,
+                       init_key: str, rank: int, world: int) -> torch.Tensor:
+    """This rank's rows of a [padded vocab, dim] table: the real rows drawn from (seed, init_key) at
+    their unpadded shape, padding rows zero, so real rows do not depend on the TP size's padding."""
+    full = torch.zeros(num_embeddings_padded, dim, dtype=torch.float32, device="cpu")
+    full[:num_embeddings] = full_normal((num_embeddings, dim), init_std, seed, init_key)
+    return shard(full, 0, rank, world)
+
+
+def vocab_parallel_logits(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, num_embeddings: int,
+                          tp_group: Optional[ProcessGroup]) -> torch.Tensor:
+    """Logits for this rank's vocabulary rows [vocab_start, vocab_start + rows); columns at or past
+    `num_embeddings` (vocabulary padding) are -inf, so padding is never predicted or sampled and gets
+    no gradient."""
+    logits = F.linear(copy_to_tp_region(hidden, tp_group), weight_shard)
+    rows = weight_shard.shape[0]
+    if vocab_start + rows > num_embeddings:
+        padding = torch.arange(vocab_start, vocab_start + rows, device=logits.device) >= num_embeddings
+        logits = logits.masked_fill(padding, float("-inf"))
+    return logits

@@ -1,0 +1,124 @@
+"""Build the DeepSpeed engine for a run: a plain engine for pp=1 (ZeRO 0-3), a PipelineEngine for pp>1.
+
+The engine is DeepSpeed's own; this module only decides what goes in: the model (built under
+`deepspeed.zero.Init` for ZeRO-3 so it is partitioned as it is constructed), the optimiser with its
+parameter groups, the LR schedule and the config dict. `train_step`/`eval_step` hide the one real
+difference between the two engine kinds: who loops over micro-batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from megalm.config.run import RunConfig
+from megalm.model import GPTModel
+from megalm.model.pipeline import pipeline_layer_specs, pipeline_loss_fn
+from megalm.parallel.grid import ProcessGrid
+
+from .deepspeed_config import build_deepspeed_config
+from .optimizer import build_optimizer
+from .schedule import build_scheduler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class PipelineLoss:
+    """The pipeline's loss_fn; `poison` turns the next losses into NaN (fault drills only)."""
+
+    def __init__(self) -> None:
+        self.poison = False
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = pipeline_loss_fn(logits, labels)
+        return loss * float("nan") if self.poison else loss
+
+
+@dataclass
+class Engine:
+    ds: Any  # deepspeed.DeepSpeedEngine or deepspeed.PipelineEngine
+    cfg: RunConfig
+    grid: ProcessGrid
+    is_pipeline: bool
+    pipeline_loss: PipelineLoss | None = None
+
+    # ---- one optimiser step over `micro_batches` (gradient accumulation inside) ----
+    def train_step(self, micro_batches: list[Batch], poison: bool = False) -> float:
+        if self.is_pipeline:
+            self.pipeline_loss.poison = poison
+            loss = self.ds.train_batch(iter(micro_batches))  # averaged over micro-batches and DP
+            return float(loss)
+        model = self.ds.module
+        total = torch.zeros(())
+        for input_ids, labels in micro_batches:
+            loss = model.loss(self.ds(input_ids), labels)
+            if poison:
+                loss = loss * float("nan")
+            self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps
+            self.ds.step()  # applies the update only at the accumulation boundary
+            total += loss.detach().float()
+        return self._dp_mean(total / len(micro_batches))
+
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[Batch]) -> float:
+        if self.is_pipeline:
+            return float(self.ds.eval_batch(iter(micro_batches)))
+        self.ds.eval()
+        model = self.ds.module
+        total = torch.zeros(())
+        for input_ids, labels in micro_batches:
+            total += model.loss(self.ds(input_ids), labels).float()
+        self.ds.train()
+        return self._dp_mean(total / len(micro_batches))
+
+    def _dp_mean(self, local: torch.Tensor) -> float:
+        t = local.detach().reshape(1).to(torch.float32)
+        if self.grid.dp > 1:
+            dist.all_reduce(t, group=self.grid.dp_group)
+            t /= self.grid.dp
+        return float(t.item())
+
+    def grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+
+def build_engine(cfg: RunConfig, grid: ProcessGrid) -> Engine:
+    ds_config = build_deepspeed_config(cfg, grid.dp)
+
+    def schedule(optimizer: torch.optim.Optimizer):
+        # A factory, not an instance: DeepSpeed calls it with the optimizer it actually steps (ZeRO-3
+        # regroups the parameters, so a scheduler bound to the client optimizer would not match).
+        return build_scheduler(optimizer, cfg.train)
+
+    ac = cfg.train.activation_checkpointing
+    if cfg.parallel.pp > 1:
+        topology = PipeModelDataParallelTopology(num_pp=grid.pp, num_mp=grid.tp, num_dp=grid.dp)
+        loss = PipelineLoss()
+        module = PipelineModule(layers=pipeline_layer_specs(cfg.model), loss_fn=loss, topology=topology,
+                                partition_method=cfg.parallel.pipeline_partition,
+                                activation_checkpoint_interval=1 if ac else 0)
+        optimizer = build_optimizer(module, cfg.train, cfg.parallel.zero_stage, grid)
+        ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=ds_config)
+        return Engine(ds, cfg, grid, is_pipeline=True, pipeline_loss=loss)
+    if cfg.parallel.zero_stage == 3:
+        with deepspeed.zero.Init(data_parallel_group=grid.dp_group, config_dict_or_path=ds_config, mpu=grid.mpu):
+            model = GPTModel(cfg.model, grid)
+    else:
+        model = GPTModel(cfg.model, grid)
+    model.activation_checkpointing = ac
+    optimizer = build_optimizer(model, cfg.train, cfg.parallel.zero_stage, grid)
+    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=grid.mpu,
+                                       lr_scheduler=schedule, config=ds_config)
+    return Engine(ds, cfg, grid, is_pipeline=False)

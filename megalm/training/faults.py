@@ -1,0 +1,51 @@
+"""Fault injection for tests and fire drills, from MEGALM_FAULT (comma-separated):
+
+    nan@STEP           the loss of optimiser step STEP becomes NaN (exercises the non-finite skip)
+    hang@STEP[:RANK]   RANK (default 0) stops stepping at STEP (exercises hang detection)
+    crash@STEP[:RANK]  RANK exits with status 17 at STEP (exercises restarts)
+
+Unset in normal runs; parsing errors fail loudly so a mistyped drill does not silently do nothing.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int = 0
+
+
+def parse_faults(spec: str | None = None) -> list[Fault]:
+    spec = os.environ.get("MEGALM_FAULT", "") if spec is None else spec
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        try:
+            kind, rest = item.split("@")
+            step, _, rank = rest.partition(":")
+            fault = Fault(kind, int(step), int(rank) if rank else 0)
+        except ValueError:
+            raise ValueError(f"MEGALM_FAULT: cannot parse {item!r}; expected KIND@STEP[:RANK]") from None
+        if kind not in ("nan", "hang", "crash"):
+            raise ValueError(f"MEGALM_FAULT: unknown kind {kind!r} in {item!r}; use nan, hang or crash")
+        faults.append(fault)
+    return faults
+
+
+def nan_at(faults: list[Fault], step: int) -> bool:
+    return any(f.kind == "nan" and f.step == step for f in faults)
+
+
+def act(faults: list[Fault], step: int, rank: int) -> None:
+    """Called at the start of each step: hang or crash this rank where a drill says so."""
+    for f in faults:
+        if f.step == step and f.rank == rank:
+            if f.kind == "crash":
+                os._exit(17)
+            if f.kind == "hang":
+                while True:
+                    time.sleep(1)

@@ -1,0 +1,171 @@
+"""The training loop: data -> engine steps -> metrics, validation, checkpoints, signals.
+
+Everything a step consumes is a function of (seed, consumed samples), so a run resumed from a
+checkpoint at step k sees exactly the batches the uninterrupted run saw from k on (DESIGN decision 8).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import math
+import os
+import time
+from typing import Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import yaml
+
+from megalm.config.run import RunConfig
+from megalm.data import build_datasets, micro_batches_for_step
+from megalm.model.flops import flops_per_token
+from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
+
+from . import checkpoint as ckpt
+from .engine import Engine, build_engine
+from .faults import act, nan_at, parse_faults
+from .launch_env import LaunchEnv
+from .metrics import Heartbeat, MetricsLogger, peak_memory_gib
+from .signals import StopRequest
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+def file_sha256(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_meta(cfg: RunConfig, engine: Engine, world_size: int) -> dict:
+    d = cfg.to_dict()
+    return {
+        "config": d,
+        "model": d["model"],
+        "layout": {"tp": engine.grid.tp, "pp": engine.grid.pp, "dp": engine.grid.dp,
+                   "zero_stage": cfg.parallel.zero_stage, "world_size": world_size},
+        "data_seed": cfg.data.seed,
+        "tokenizer_sha256": file_sha256(cfg.data.tokenizer),
+        "deepspeed_version": deepspeed.__version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def _agree(flag: bool) -> bool:
+    """True on every rank if it is true on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack_dump: bool = True) -> int:
+    """Run training to `train.train_steps`; returns the process exit code (0 also after a signal stop)."""
+    t = cfg.train
+    accum = cfg.check_launch(launch.world_size)  # bad layout/batch/paths fail before any process group
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=PROCESS_GROUP_TIMEOUT,
+                               init_method="env://", rank=launch.rank, world_size=launch.world_size)
+    rank = dist.get_rank()
+    stop = StopRequest()
+    stop.install(stack_dump)
+    faults = parse_faults()
+    grid = initialize_process_grid(cfg.parallel.tp, cfg.parallel.pp)
+    os.makedirs(t.run_dir, exist_ok=True)
+    if rank == 0:
+        ckpt.remove_stale_tmp(ckpt.checkpoint_root(t.run_dir))
+        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    dist.barrier()
+
+    torch.manual_seed(t.seed)
+    samples_per_step = t.global_batch_size
+    train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=t.train_steps * samples_per_step,
+                                           valid_samples=t.eval_iters * samples_per_step if t.eval_interval else 0,
+                                           test_samples=0)
+    engine = build_engine(cfg, grid)
+    meta = checkpoint_meta(cfg, engine, launch.world_size)
+    state = ckpt.TrainState()
+    if resume is not None:
+        loaded = ckpt.load_checkpoint(engine.ds, t.run_dir, None if resume == "auto" else resume, meta)
+        if loaded is not None:
+            state = loaded
+            if rank == 0:
+                print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
+        elif resume != "auto":
+            raise ckpt.CheckpointError(f"no checkpoint {resume!r} under {ckpt.checkpoint_root(t.run_dir)}")
+
+    logger = MetricsLogger(t.run_dir, enabled=rank == 0, tensorboard=t.tensorboard)
+    heartbeat = Heartbeat(t.run_dir, enabled=rank == 0)
+    tokens_per_step = samples_per_step * cfg.data.seq_len
+    flops_step = flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
+    batch_args = dict(micro_batch_size=t.micro_batch_size, accumulation_steps=accum,
+                      dp_rank=grid.dp_rank, dp_size=grid.dp)
+    consecutive_bad = 0
+    interval_start, interval_steps = time.perf_counter(), 0
+    exit_code = 0
+
+    def save() -> None:
+        ckpt.save_checkpoint(engine.ds, t.run_dir, state, meta, t.keep_last)
+
+    while state.step < t.train_steps:
+        act(faults, state.step, rank)
+        heartbeat.beat(state.step)
+        batches = micro_batches_for_step(train_ds, consumed_samples=state.consumed_samples, **batch_args)
+        loss = engine.train_step(batches, poison=nan_at(faults, state.step))
+        grad_norm = engine.grad_norm()
+        state.step += 1
+        state.consumed_samples += samples_per_step
+        interval_steps += 1
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            consecutive_bad = 0
+        else:
+            state.skipped_steps += 1
+            consecutive_bad += 1
+            if rank == 0:
+                print(f"step {state.step}: non-finite loss {loss} / grad norm {grad_norm}; update skipped "
+                      f"({consecutive_bad} in a row, {state.skipped_steps} in total)", flush=True)
+            if consecutive_bad >= t.max_consecutive_nonfinite:
+                if rank == 0:
+                    print(f"stopping: {consecutive_bad} non-finite steps in a row "
+                          f"(train.max_consecutive_nonfinite={t.max_consecutive_nonfinite})", flush=True)
+                exit_code = 3
+                break
+        if state.step % t.log_interval == 0 or state.step == t.train_steps:
+            elapsed = time.perf_counter() - interval_start
+            step_time = elapsed / interval_steps
+            tflops = flops_step / step_time / launch.world_size / 1e12
+            values = {"loss": loss, "lr": engine.lr(), "grad_norm": grad_norm, "step_time_s": step_time,
+                      "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
+                      "consumed_samples": state.consumed_samples, "skipped_steps": state.skipped_steps,
+                      "peak_mem_gib": peak_memory_gib()}
+            if t.peak_tflops:
+                values["mfu"] = tflops / t.peak_tflops
+            logger.log(state.step, values)
+            interval_start, interval_steps = time.perf_counter(), 0
+        if valid_ds is not None and t.eval_interval and state.step % t.eval_interval == 0:
+            vloss = sum(engine.eval_step(micro_batches_for_step(valid_ds, consumed_samples=i * samples_per_step,
+                                                                **batch_args))
+                        for i in range(t.eval_iters)) / t.eval_iters
+            logger.log(state.step, {"loss": vloss, "ppl": math.exp(min(vloss, 50.0))}, prefix="valid")
+        if _agree(stop.requested):
+            save()
+            if rank == 0:
+                print(f"stop signal received: checkpoint at step {state.step} written, exiting", flush=True)
+            break
+        if t.save_interval and state.step % t.save_interval == 0:
+            save()
+    else:
+        if t.save_at_end and (not t.save_interval or state.step % t.save_interval != 0):
+            save()
+    heartbeat.beat(state.step)
+    logger.close()
+    dist.barrier()
+    destroy_process_grid()
+    return exit_code

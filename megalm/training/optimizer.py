@@ -1,0 +1,91 @@
+"""AdamW with parameter groups (no weight decay on norm gains and embeddings, as configured), and the
+gradient guard DeepSpeed lacks for plain fp32 ZeRO-0 training."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megalm.config.train import TrainConfig
+from megalm.parallel.grid import ProcessGrid
+
+
+def _is_embedding(name: str) -> bool:
+    return "embedding" in name
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # The model has no biases, so the 1-D parameters are exactly the norm gains. Under ZeRO-3 a
+        # parameter's data is an empty placeholder; its real shape is `ds_shape`.
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        skip = (cfg.no_decay_norms and ndim < 2) or (cfg.no_decay_embeddings and _is_embedding(name))
+        (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global gradient norm and skips the step when that norm is not finite.
+
+    With fp16/bf16 or ZeRO >= 1 DeepSpeed's optimizer wrappers clip, report the norm and skip overflowing
+    steps. With fp32 ZeRO-0 DeepSpeed calls the client optimizer directly, clips without reporting the
+    norm and never skips, so that case is handled here (DeepSpeed's own clipping is then switched off
+    in the generated config). The norm counts every TP shard, a replicated parameter once (TP rank 0)
+    and a pipeline-tied copy once (`ds_pipe_replicated`), summed over the model-parallel group; the
+    decision is identical on every rank, so replicas never diverge.
+    """
+
+    def __init__(self, params, grid: ProcessGrid, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.grid = grid
+        self.max_norm = max_norm
+        self.skipped_steps = 0
+        self._global_grad_norm: Optional[float] = None  # DeepSpeed's engine reads this after step()
+
+    def _grad_norm(self) -> float:
+        sq = torch.zeros(1, dtype=torch.float64)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or getattr(p, "ds_pipe_replicated", False):
+                    continue
+                if getattr(p, "tensor_model_parallel", False) or self.grid.tp_rank == 0:
+                    sq += p.grad.detach().double().pow(2).sum()
+        if dist.is_initialized() and self.grid.model_parallel_size > 1:
+            dist.all_reduce(sq, group=self.grid.model_group)
+        return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        norm = self._grad_norm()
+        self._global_grad_norm = norm
+        if not math.isfinite(norm):
+            self.skipped_steps += 1
+            return None
+        if self.max_norm > 0:
+            coeff = self.max_norm / (norm + 1e-6)
+            if coeff < 1.0:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None:
+                            p.grad.mul_(coeff)
+        return super().step(closure)
+
+
+def uses_guarded_optimizer(cfg: TrainConfig, zero_stage: int) -> bool:
+    return zero_stage == 0 and cfg.precision == "fp32"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero_stage: int, grid: ProcessGrid) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(model, cfg)
+    if uses_guarded_optimizer(cfg, zero_stage):
+        return GuardedAdamW(groups, grid=grid, max_norm=cfg.grad_clip, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
