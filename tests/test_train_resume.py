@@ -58,9 +58,11 @@ def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: flo
 
 def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, tmp_path):
     run_dir = str(tmp_path / "killed")
+    # The tiny run is faster than any polling: a drill parks rank 0 after step 12 (past the step-10
+    # checkpoint, before step 15's) so the SIGKILL lands between checkpoints every time.
     proc = subprocess.Popen(_torchrun(2, run_dir, shard, *LAYOUT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, **ENV})
-    _wait_for_step(run_dir, 12, proc, timeout=300)  # past the step-10 checkpoint, before step 15's
+                            text=True, start_new_session=True, env={**os.environ, **ENV, "MEGALM_FAULT": "hang@12:0"})
+    _wait_for_step(run_dir, 12, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     root = checkpoint_root(run_dir)
@@ -76,7 +78,8 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_to_one_rank_checkpoints_and_exits_zero(shard, tmp_path, sig):
     run_dir = str(tmp_path / "signalled")
-    cmd = _torchrun(2, run_dir, shard, "train.train_steps=100000", "train.save_interval=0")
+    cmd = _torchrun(2, run_dir, shard, "train.save_interval=0")
+    cmd[cmd.index(f"train.train_steps={STEPS}")] = "train.train_steps=100000"
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, **ENV})
     _wait_for_step(run_dir, 3, proc, timeout=300)

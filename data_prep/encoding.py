@@ -1,0 +1,107 @@
+"""Batch encoding in worker processes, with results handed back in submission order.
+
+Workers receive lists of texts and return two numpy arrays (all token ids back to back in the shard
+dtype, and the per-document lengths), so the parent never touches per-token Python objects and can
+write each batch with one `ShardWriter.add_encoded` call. Results come back in the order the batches
+were submitted, never in completion order: that is what makes shards byte-identical for any --workers.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing as mp
+import os
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+
+Encoded = tuple[np.ndarray, np.ndarray]  # (flat token ids in the shard dtype, int64 lengths)
+
+
+class BatchEncoder:
+    """Encodes batches of documents with `Tokenizer.encode_batch`, appending the end-of-document id."""
+
+    def __init__(self, tokenizer_path: str, dtype: str, eod_id: Optional[int]):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(tokenizer_path)
+        self.dtype = np.dtype(dtype)
+        self.eod = [eod_id] if eod_id is not None else []
+
+    def encode(self, texts: list[str]) -> Encoded:
+        encodings = self.tokenizer.encode_batch(texts)
+        extra = len(self.eod)
+        lengths = np.fromiter((len(e) + extra for e in encodings), dtype=np.int64, count=len(encodings))
+        total = int(lengths.sum())
+        if extra:
+            ids = itertools.chain.from_iterable(itertools.chain(e.ids, self.eod) for e in encodings)
+        else:
+            ids = itertools.chain.from_iterable(e.ids for e in encodings)
+        flat = np.fromiter(ids, dtype=self.dtype, count=total)
+        return flat, lengths
+
+
+_WORKER_ENCODER: Optional[BatchEncoder] = None
+
+
+def _init_worker(tokenizer_path: str, dtype: str, eod_id: Optional[int]) -> None:
+    global _WORKER_ENCODER
+    # One thread per worker process: parallelism comes from the processes, and Rayon threads on top
+    # would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = BatchEncoder(tokenizer_path, dtype, eod_id)
+
+
+def _encode_in_worker(texts: list[str]) -> Encoded:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER.encode(texts)
+
+
+class EncoderPool:
+    """`workers` processes (or the calling process when workers == 1) encoding batches in order.
+
+    At most `max_in_flight` batches are queued at once, so memory stays bounded however large the
+    corpus is (multiprocessing's `imap` would read the whole input iterator ahead).
+    """
+
+    def __init__(self, workers: int, tokenizer_path: str, dtype: str, eod_id: Optional[int],
+                 max_in_flight: Optional[int] = None):
+        self.workers = workers
+        self.max_in_flight = max_in_flight or 4 * workers + 2
+        self._pool = None
+        self._inline: Optional[BatchEncoder] = None
+        if workers <= 1:
+            self._inline = BatchEncoder(tokenizer_path, dtype, eod_id)
+        else:
+            # spawn, not fork: the parent may hold threads (progress bar, Rayon) that must not be forked.
+            ctx = mp.get_context("spawn")
+            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, dtype, eod_id))
+
+    def map(self, batches: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, Encoded]]:
+        """For each (metadata, texts) yield (metadata, encoded) in input order."""
+        if self._inline is not None:
+            for meta, texts in batches:
+                yield meta, self._inline.encode(texts)
+            return
+        assert self._pool is not None
+        pending: collections.deque = collections.deque()
+        for meta, texts in batches:
+            pending.append((meta, self._pool.apply_async(_encode_in_worker, (texts,))))
+            if len(pending) >= self.max_in_flight:
+                meta0, res = pending.popleft()
+                yield meta0, res.get()
+        while pending:
+            meta0, res = pending.popleft()
+            yield meta0, res.get()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> "EncoderPool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

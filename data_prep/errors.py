@@ -1,0 +1,9 @@
+"""The one exception type the CLI turns into a clean message and exit status 2 (usage / input error)."""
+from __future__ import annotations
+
+
+class PrepError(Exception):
+    """A problem the user can fix (missing input, bad tokenizer, unwritable output, bad record under
+    --strict). The message names the file (and line) and is printed as is, without a traceback."""
+
+    exit_code = 2

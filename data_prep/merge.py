@@ -1,0 +1,86 @@
+"""`megalm-prep merge`: concatenate the shards of several outputs (same dtype) into one shard, atomically.
+
+Documents keep their order: inputs in the order given, each input's shards in manifest order. The
+result is written through ShardWriter (temporary names, renamed when complete) in bounded chunks, so
+merging shards larger than memory works.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Optional, Any, TextIO
+
+import numpy as np
+
+from data_prep.errors import PrepError
+from data_prep.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_NAMING, load_manifest, write_manifest
+from data_prep.mmidx import CODE_OF_DTYPE, ShardFormatError, ShardWriter, data_path, index_path
+from data_prep.output_dir import prepare_output_dir
+from data_prep.shards import ShardIndex, output_shards, read_shard_index
+from data_prep.tokenizer import file_sha256
+
+CHUNK_TOKENS = 1 << 24
+
+
+def _copy(shard: ShardIndex, writer: ShardWriter) -> None:
+    if shard.header.sequence_count == 0:
+        return
+    data = shard.data()
+    ends = np.cumsum(shard.lengths, dtype=np.int64)
+    i, n, done = 0, len(shard.lengths), 0
+    while i < n:
+        j = max(int(np.searchsorted(ends, done + CHUNK_TOKENS, side="right")), i + 1)
+        writer.add_encoded(data[done:int(ends[j - 1])], shard.lengths[i:j].tolist())
+        done = int(ends[j - 1])
+        i = j
+
+
+def merge(inputs: list[str], output_prefix: str, out: Optional[TextIO] = None) -> dict[str, Any]:
+    out = out if out is not None else sys.stdout
+    start = time.perf_counter()
+    out_abs = os.path.abspath(output_prefix)
+    shards: list[ShardIndex] = []
+    tokenizer_hashes = set()
+    for prefix in inputs:
+        try:
+            parts = [read_shard_index(p) for p in output_shards(prefix)]
+        except ShardFormatError as exc:
+            raise PrepError(str(exc)) from None
+        if any(os.path.abspath(p.prefix) == out_abs for p in parts):
+            raise PrepError(f"--output-prefix {output_prefix!r} is also an input; merge into a new prefix")
+        manifest = load_manifest(prefix)
+        tokenizer_hashes.add((manifest or {}).get("tokenizer", {}).get("sha256"))
+        shards.extend(parts)
+    if not shards:
+        raise PrepError("merge: the inputs hold no shards")
+    dtype = shards[0].dtype
+    for s in shards:
+        if s.dtype != dtype:
+            raise PrepError(f"merge: {s.prefix} holds {s.dtype} tokens but {shards[0].prefix} holds {dtype}; "
+                            f"only shards of one dtype (one tokenizer) can be merged")
+        if not np.array_equal(s.document_indices, np.arange(s.header.sequence_count + 1)):
+            raise PrepError(f"merge: {s.prefix} groups several sequences per document (sentence-split data); "
+                            f"only one-sequence-per-document shards can be merged")
+    prepare_output_dir(output_prefix)
+    with ShardWriter(output_prefix, dtype) as writer:
+        for s in shards:
+            _copy(s, writer)
+        documents, tokens = writer.documents, writer.tokens
+    hashes = tokenizer_hashes - {None}
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "complete": True,
+        "prefix": os.path.basename(output_prefix), "shard_naming": SHARD_NAMING,
+        "tokenizer": {"sha256": hashes.pop() if len(hashes) == 1 and None not in tokenizer_hashes else None},
+        "dtype": str(dtype), "dtype_code": CODE_OF_DTYPE[dtype], "documents": documents, "tokens": tokens,
+        "merged_from": [{"prefix": s.prefix, "documents": int(s.header.sequence_count), "tokens": s.tokens}
+                        for s in shards],
+        "elapsed_seconds": round(time.perf_counter() - start, 3),
+        "shards": [{"name": os.path.basename(output_prefix), "documents": documents, "tokens": tokens,
+                    "bin_bytes": os.path.getsize(data_path(output_prefix)),
+                    "idx_sha256": file_sha256(index_path(output_prefix))}],
+    }
+    write_manifest(output_prefix, manifest)
+    print(f"{output_prefix}: merged {len(shards)} shard(s) from {len(inputs)} input(s): {documents} documents, "
+          f"{tokens} tokens ({dtype}) in {manifest['elapsed_seconds']:.2f} s", file=out)
+    return manifest
