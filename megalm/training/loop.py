@@ -111,6 +111,8 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
     interval_start, interval_steps = time.perf_counter(), 0
     exit_code = 0
 
+    start_step = state.step
+
     def save() -> None:
         ckpt.save_checkpoint(engine.ds, t.run_dir, state, meta, t.keep_last)
 
@@ -162,7 +164,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
         if t.save_interval and state.step % t.save_interval == 0:
             save()
     else:
-        if t.save_at_end and (not t.save_interval or state.step % t.save_interval != 0):
+        if t.save_at_end and state.step > start_step and (not t.save_interval or state.step % t.save_interval != 0):
             save()
     heartbeat.beat(state.step)
     logger.close()
