@@ -26,13 +26,17 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "mpi": ["mpich==5.0.2", "mpi4py==4.1.2"],
-        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
+        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "transformers==5.23.0"],
     },
     entry_points={
         "console_scripts": [
             "megalm-prep=data_prep.cli:main",
             "megalm-train=megalm.train:main",
             "megalm-launch=launcher.cli:main",
+            "megalm-eval=megalm.eval.evaluate:main",
+            "megalm-generate=megalm.eval.generate:main",
+            "megalm-export=megalm.export.hf:main",
+            "megalm-reshard=megalm.export.reshard:main",
         ]
     },
 )

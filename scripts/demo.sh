@@ -16,7 +16,7 @@ echo "== 2/4 train: configs/run/demo.yaml (tp=2, pp=2, 4 CPU processes)"
 torchrun --standalone --nproc_per_node=4 -m megalm.train --config configs/run/demo.yaml --resume auto
 
 echo "== 3/4 evaluate the latest checkpoint on the validation documents"
-megalm-eval --checkpoint runs/demo --split valid --max-tokens 65536
+megalm-eval --checkpoint runs/demo --max-tokens 65536
 
 echo "== 4/4 sample"
 megalm-generate --checkpoint runs/demo --prompt "def fibonacci(n):" --max-new-tokens 60 --temperature 0

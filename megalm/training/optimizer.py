@@ -10,21 +10,25 @@ import torch.distributed as dist
 
 from megalm.config.train import TrainConfig
 from megalm.parallel.grid import ProcessGrid
+from megalm.parallel.layers import VocabParallelEmbedding
 
 
-def _is_embedding(name: str) -> bool:
-    return "embedding" in name
+def _embedding_parameters(model: torch.nn.Module) -> set[int]:
+    """Ids of input-embedding weights, found by module type: parameter names differ between GPTModel
+    (`embedding.weight`) and a PipelineModule (`0.weight`, `tied_modules.embed.weight`)."""
+    return {id(p) for m in model.modules() if isinstance(m, VocabParallelEmbedding) for p in m.parameters()}
 
 
 def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    embeddings = _embedding_parameters(model)
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         # The model has no biases, so the 1-D parameters are exactly the norm gains. Under ZeRO-3 a
         # parameter's data is an empty placeholder; its real shape is `ds_shape`.
         ndim = len(getattr(p, "ds_shape", p.shape))
-        skip = (cfg.no_decay_norms and ndim < 2) or (cfg.no_decay_embeddings and _is_embedding(name))
+        skip = (cfg.no_decay_norms and ndim < 2) or (cfg.no_decay_embeddings and id(p) in embeddings)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if no_decay:

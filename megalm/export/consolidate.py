@@ -1,0 +1,199 @@
+"""Any megalm checkpoint -> full weights (and, on request, full Adam moments), in one CPU process.
+
+DeepSpeed's on-disk layouts, by training layout (file names inside RUN_DIR/checkpoints/step_N/):
+
+    pp=1, ZeRO 0-2   mp_rank_{t:02d}_model_states.pt: 'module' = TP rank t's GPTModel state dict
+                     ZeRO-0: Adam state in its 'optimizer' (index-keyed torch state dict)
+                     ZeRO-1/2: zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt, flat fp32 partitions
+    pp=1, ZeRO-3     zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt ('module' holds empty placeholders;
+                     'param_shapes' the order) + ..._optim_states.pt: the weights exist only there
+    pp>1, ZeRO 0/1   layer_{i:02d}-model_{t:02d}-model_states.pt: pipeline layer i of TP rank t (the tied
+                     embedding once, under layer 0); mp_rank_{m:02d}_model_states.pt and
+                     zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt per model-parallel rank
+                     m = pp_rank * tp + tp_rank (the grid's order, DESIGN decision 1)
+
+Pipeline names ("3.attention.qkv.weight", "tied_modules.embed.weight") become GPTModel names through
+`megalm.model.pipeline.gpt_param_name`; TP shards are joined by `full_weights.merge_tp`. The result is
+checked against the model shape recorded in megalm.json, naming the file of any tensor that does not fit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megalm.config import ConfigError, from_dict
+from megalm.config.model import ModelConfig
+from megalm.model.pipeline import gpt_param_name
+
+from .checkpoint_files import CheckpointError, CheckpointRef, load_pt
+from .full_weights import check_full_weights, merge_tp
+from .zero_merge import MOMENTS, Merged, merge_zero3, merge_zero12, unflatten_torch_optimizer
+
+
+@dataclass
+class FullState:
+    """A checkpoint in layout-free form. `moments[name]` = {"exp_avg", "exp_avg_sq"} (full shapes)."""
+
+    cfg: ModelConfig
+    weights: dict[str, torch.Tensor]
+    ref: CheckpointRef
+    moments: Optional[dict[str, dict[str, torch.Tensor]]] = None
+    adam_step: Optional[float] = None
+    # DeepSpeed engine counters and the LR scheduler's state dict, from model-parallel rank 0.
+    engine_state: dict = field(default_factory=dict)
+
+
+def model_config_of(meta: dict, where: str) -> ModelConfig:
+    try:
+        return from_dict(ModelConfig, meta["model"], "model")
+    except (ConfigError, KeyError) as e:
+        raise CheckpointError(f"{where}: its megalm.json has no valid model section ({e})") from None
+
+
+def pipeline_to_gpt_name(name: str, cfg: ModelConfig) -> str:
+    """PipelineModule parameter name -> GPTModel name."""
+    if name.startswith("tied_modules."):
+        _, key, local = name.split(".", 2)
+        return gpt_param_name(key, local, cfg)
+    idx, local = name.split(".", 1)
+    return gpt_param_name(int(idx), local, cfg)
+
+
+def _zero0_group_names(names: list[str], shapes: dict[str, tuple], train_cfg: dict) -> list[list[str]]:
+    """The optimizer's parameter groups by name, by the rule of `megalm.training.optimizer.parameter_groups`
+    (decay group first; no decay for norm gains / names containing "embedding", as configured)."""
+    decay, no_decay = [], []
+    for name in names:
+        skip = ((train_cfg.get("no_decay_norms", True) and len(shapes[name]) < 2)
+                or (train_cfg.get("no_decay_embeddings", True) and "embedding" in name))
+        (no_decay if skip else decay).append(name)
+    return [decay, no_decay] if no_decay else [decay]
+
+
+class _Reader:
+    def __init__(self, ref: CheckpointRef, with_optimizer: bool):
+        self.ref = ref
+        self.with_optimizer = with_optimizer
+        layout = ref.meta.get("layout") or {}
+        try:
+            self.tp, self.pp, self.dp, self.zero = (int(layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{ref.file('megalm.json')}: 'layout' must give tp, pp, dp and zero_stage; "
+                                  f"got {layout!r}") from None
+        self.cfg = model_config_of(ref.meta, ref.file("megalm.json"))
+        self.train_cfg = (ref.meta.get("config") or {}).get("train") or {}
+        # per TP rank: GPTModel name -> {"weight": t, "exp_avg": t, "exp_avg_sq": t}
+        self.local: list[Merged] = [{} for _ in range(self.tp)]
+        self.origin: dict[str, str] = {}
+        self.adam_step: Optional[float] = None
+        self.engine_state: dict = {}
+
+    def model_states_name(self, mp: int) -> str:
+        return (f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if self.zero == 3
+                else f"mp_rank_{mp:02d}_model_states.pt")
+
+    def optim_files(self, mp: int) -> list[tuple[str, dict]]:
+        paths = [self.ref.file(f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt") for d in range(self.dp)]
+        return [(p, load_pt(p, deepspeed_types=True)) for p in paths]
+
+    def put(self, t: int, name: str, kind: str, value: torch.Tensor, path: str) -> None:
+        entry = self.local[t].setdefault(name, {})
+        if kind not in entry:  # a tied embedding appears on two stages: the copies are equal, keep one
+            entry[kind] = value
+            self.origin.setdefault(name, path)
+
+    def put_merged(self, t: int, merged: Merged, step: float, path: str, rename) -> None:
+        self.adam_step = step if self.adam_step is None else self.adam_step
+        for local_name, values in merged.items():
+            name = rename(local_name)
+            for kind, v in values.items():
+                self.put(t, name, kind, v, path)
+
+    def read_engine_state(self, ms: dict) -> None:
+        if not self.engine_state:
+            self.engine_state = {k: ms.get(k) for k in ("lr_scheduler", "global_steps", "global_samples",
+                                                        "skipped_steps")}
+
+    # ---- pp = 1 ----
+    def read_pp1(self, t: int) -> None:
+        path = self.ref.file(self.model_states_name(t))
+        ms = load_pt(path)
+        self.read_engine_state(ms)
+        same = lambda n: n  # noqa: E731 - GPTModel names already
+        if self.zero == 3:  # weights exist only as fp32 partitions
+            merged, step = merge_zero3(self.optim_files(t), ms["param_shapes"])
+            self.put_merged(t, {n: v if self.with_optimizer else {"weight": v["weight"]} for n, v in merged.items()},
+                            step, path, same)
+            return
+        if self.with_optimizer and self.zero in (1, 2):  # fp32 master weights first: exact even under bf16
+            merged, step = merge_zero12(self.optim_files(t), ms["param_shapes"])
+            self.put_merged(t, merged, step, path, same)
+        module = ms.get("module")
+        if not isinstance(module, dict):
+            raise CheckpointError(f"{path}: no 'module' state dict; megalm.json says pp=1 ZeRO-{self.zero}, "
+                                  f"which does not match the files")
+        for name, v in module.items():
+            self.put(t, name, "weight", v, path)
+        if self.with_optimizer and self.zero == 0:
+            shapes = {n: tuple(v.shape) for n, v in module.items()}
+            groups = _zero0_group_names(list(module), shapes, self.train_cfg)
+            merged, step = unflatten_torch_optimizer(ms["optimizer"], groups, path)
+            self.put_merged(t, merged, step, path, same)
+
+    # ---- pp > 1 ----
+    def read_layers(self, t: int) -> None:
+        L = self.cfg.num_layers
+        for idx in range(L + 3):
+            path = self.ref.file(f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+            if idx == L + 2 and self.cfg.tie_embeddings and not os.path.isfile(path):
+                continue  # the tied head is the embedding, saved under layer 0
+            for local, v in load_pt(path).items():
+                self.put(t, gpt_param_name(idx, local, self.cfg), "weight", v, path)
+
+    def read_pipeline_optimizer(self, t: int) -> None:
+        rename = lambda n: pipeline_to_gpt_name(n, self.cfg)  # noqa: E731
+        for p in range(self.pp):
+            mp = p * self.tp + t
+            path = self.ref.file(self.model_states_name(mp))
+            ms = load_pt(path)
+            self.read_engine_state(ms)
+            if self.zero != 1:
+                # ZeRO-0 pipeline files keep an index-keyed torch optimizer state and no parameter names
+                # (param_shapes is None), and which layers a stage held depends on DeepSpeed's partitioning.
+                raise CheckpointError(f"{path}: optimizer state of pipeline checkpoints without ZeRO (pp>1, "
+                                      f"zero_stage 0) cannot be consolidated; use --weights-only, or train the "
+                                      f"source run with zero_stage 1")
+            merged, step = merge_zero12(self.optim_files(mp), ms["param_shapes"])
+            self.put_merged(t, merged, step, path, rename)
+
+    def read(self) -> FullState:
+        for t in range(self.tp):
+            if self.pp == 1:
+                self.read_pp1(t)
+            else:
+                self.read_layers(t)
+                if self.with_optimizer:
+                    self.read_pipeline_optimizer(t)
+        weights, moments = {}, {} if self.with_optimizer else None
+        for name in self.local[0]:
+            kinds = [{k: v for k, v in self.local[t].get(name, {}).items()} for t in range(self.tp)]
+            if any("weight" not in k for k in kinds):
+                raise CheckpointError(f"{self.ref.path}: {name} is missing on some TP ranks; the checkpoint is incomplete")
+            weights[name] = merge_tp(name, [k["weight"] for k in kinds], self.cfg)
+            if moments is not None and all(m in kinds[0] for m in MOMENTS):
+                moments[name] = {m: merge_tp(name, [k[m] for k in kinds], self.cfg) for m in MOMENTS}
+        check_full_weights(weights, self.cfg, self.ref.path, self.origin)
+        if moments is not None and set(moments) != set(weights):
+            raise CheckpointError(f"{self.ref.path}: optimizer state is missing for "
+                                  f"{sorted(set(weights) - set(moments))[:5]}; reshard with --weights-only")
+        return FullState(cfg=self.cfg, weights=weights, ref=self.ref, moments=moments,
+                         adam_step=self.adam_step, engine_state=self.engine_state)
+
+
+def consolidate(ref: CheckpointRef, with_optimizer: bool = False) -> FullState:
+    """Full weights of the checkpoint `ref` (fp32 master weights and Adam moments too when
+    `with_optimizer`), whatever its (tp, pp, dp, ZeRO) layout."""
+    return _Reader(ref, with_optimizer).read()

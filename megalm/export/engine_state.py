@@ -1,0 +1,107 @@
+"""Put a layout-free FullState into a live DeepSpeed engine of any layout, and save it from there.
+
+This is how a checkpoint moves to another (tp, pp, dp, ZeRO) layout: the target layout's own engine
+is built by `megalm.training.engine.build_engine` (so its model, parameter groups, ZeRO partitioning
+and pipeline stages are exactly what training at that layout builds), the weights and Adam moments are
+written into it through DeepSpeed's `safe_set_full_*` API (which knows its flat partitions), and
+`megalm.training.checkpoint.save_checkpoint` writes DeepSpeed's own files. We never hand-write
+DeepSpeed's formats, so `--resume` at the new layout loads them like any other checkpoint.
+
+Every function here is collective: every rank of the target world calls it, in the same order.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megalm.training.engine import Engine
+
+from .consolidate import FullState, pipeline_to_gpt_name
+from .full_weights import shard_for_tp
+from .zero_merge import MOMENTS
+
+
+def _base_optimizer(ds: Any) -> torch.optim.Optimizer:
+    """The torch optimizer that holds the Adam state (inside DeepSpeed's ZeRO wrapper, if any)."""
+    opt = ds.optimizer
+    return getattr(opt, "optimizer", opt) if ds.zero_optimization_stage() > 0 else opt
+
+
+def _adam_params(ds: Any, base: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors Adam steps: the base optimizer's params, or for ZeRO-3 (which empties its
+    param_groups between steps and swaps each flat partition in) the fp32 flat partitions."""
+    flat = getattr(ds.optimizer, "fp32_partitioned_groups_flat", None)
+    if flat is not None:
+        return list(flat)
+    return [p for group in base.param_groups for p in group["params"]]
+
+
+def _init_adam_state(params: list[torch.Tensor], base: torch.optim.Optimizer, step: float) -> None:
+    """Create Adam's state the way torch.optim.AdamW's first step would (it is lazy), so DeepSpeed's
+    state setters have tensors to write into; `step` is the bias-correction count to continue from."""
+    for p in params:
+        st = base.state[p]
+        st["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for key in MOMENTS:
+            st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _local_name(engine: Engine, name: str, state: FullState) -> str:
+    return pipeline_to_gpt_name(name, state.cfg) if engine.is_pipeline else name
+
+
+def apply_full_state(engine: Engine, state: FullState, weights_only: bool = False) -> None:
+    """Load weights (and, unless `weights_only`, Adam moments, step count, LR schedule and engine
+    counters) into `engine`, sliced for this rank's TP position."""
+    from deepspeed import zero
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    ds, grid, cfg = engine.ds, engine.grid, state.cfg
+    stage = ds.zero_optimization_stage()
+    base = _base_optimizer(ds)
+    restore_optimizer = not weights_only and state.moments is not None
+    if restore_optimizer:
+        _init_adam_state(_adam_params(ds, base), base, state.adam_step or 0.0)
+        if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link state fragments
+            ds.optimizer._hp_optimizer_states_linked = False
+            ds.optimizer._lazy_init_hp_params_optimizer_state()
+
+    for name, p in ds.module.named_parameters():
+        gpt = _local_name(engine, name, state)
+        local = shard_for_tp(gpt, state.weights[gpt], cfg, grid.tp, grid.tp_rank)
+        if stage == 3:
+            with zero.GatheredParameters([p], modifier_rank=0):  # the model's own partitions
+                p.data.copy_(local.view_as(p.data))
+        else:
+            p.data.copy_(local.view_as(p.data))
+        if stage > 0:
+            safe_set_full_fp32_param(p, local)  # ZeRO keeps a separate fp32 master copy
+        if restore_optimizer:
+            moments = {k: shard_for_tp(gpt, state.moments[gpt][k], cfg, grid.tp, grid.tp_rank) for k in MOMENTS}
+            for key, value in moments.items():
+                if stage > 0:
+                    safe_set_full_optimizer_state(p, value, key)
+                else:
+                    base.state[p][key].copy_(value.view_as(p.data))
+
+    # The LR schedule and step counters continue even with --weights-only: only Adam restarts.
+    _restore_schedule(ds, base, state.engine_state)
+
+
+def _restore_schedule(ds: Any, base: torch.optim.Optimizer, engine_state: dict) -> None:
+    """LR scheduler position and the lr it last set (DeepSpeed saves both; on load the optimizer's
+    param_groups carry the lr for the next step), plus the engine's step/sample counters."""
+    sched_state: Optional[dict] = engine_state.get("lr_scheduler")
+    if sched_state is not None and ds.lr_scheduler is not None:
+        ds.lr_scheduler.load_state_dict(sched_state)
+        last = sched_state.get("_last_lr") or []
+        if last:
+            groups = list(base.param_groups)
+            if ds.optimizer is not base:
+                groups += [g for g in ds.optimizer.param_groups if all(g is not b for b in groups)]
+            for g in groups:
+                g["lr"] = float(last[0])  # one LambdaLR factor for every group (megalm.training.schedule)
+    for attr in ("global_steps", "global_samples", "skipped_steps"):
+        if engine_state.get(attr) is not None:
+            setattr(ds, attr, int(engine_state[attr]))

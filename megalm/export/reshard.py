@@ -1,0 +1,183 @@
+"""`megalm-reshard`: rewrite a checkpoint for another (tp, pp, dp, ZeRO) layout, so the run can resume
+on a differently shaped cluster.
+
+    megalm-reshard --checkpoint RUN_DIR [--step N] --output NEW_RUN_DIR --tp T --pp P
+                   [--dp D] [--zero-stage Z] [--weights-only]
+
+then: `python -m megalm.train --config NEW_RUN_DIR/config.yaml --resume auto` on T*P*D processes.
+
+How: the source is consolidated (fp32 master weights and Adam moments, `megalm.export.consolidate`),
+written to a scratch file, and T*P*D local CPU processes (gloo) each build the target layout's engine,
+load their slice (`megalm.export.engine_state`) and save through the training code's own atomic
+checkpoint writer. The new megalm.json records the new layout, the same step / consumed samples /
+data seed (so the data order continues), and where it came from. --weights-only restarts the Adam
+moments (and warns: the first steps after resuming then differ from the original run's).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+import sys
+import warnings
+from typing import Optional
+
+import torch
+import yaml
+
+from megalm.config import ConfigError
+from megalm.config.run import RunConfig, run_config_from_dict
+
+from .checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
+from .consolidate import FullState, consolidate
+
+SCRATCH = ".reshard-state.pt"
+META_KEYS_SET_BY_SAVE = ("format_version", "step", "consumed_samples", "skipped_steps", "saved_at")
+
+
+def target_config(ref: CheckpointRef, output: str, tp: int, pp: int, dp: Optional[int],
+                  zero_stage: Optional[int]) -> tuple[RunConfig, int]:
+    """The source run's config at the new layout (validated like a training config); returns it and dp."""
+    data = copy.deepcopy(ref.meta["config"])
+    layout = ref.meta["layout"]
+    data["parallel"] = dict(data.get("parallel") or {}, tp=tp, pp=pp,
+                            zero_stage=layout["zero_stage"] if zero_stage is None else zero_stage)
+    data["train"] = dict(data.get("train") or {}, run_dir=os.path.abspath(output))
+    cfg = run_config_from_dict(data)  # ConfigError names the field (e.g. ZeRO>=2 with pp>1, heads vs tp)
+    if dp is None:  # keep the world size when it divides, else the data-parallel size
+        world = int(layout.get("world_size") or layout["tp"] * layout["pp"] * layout["dp"])
+        dp = world // (tp * pp) if world % (tp * pp) == 0 else int(layout["dp"])
+    if dp < 1:
+        raise ConfigError(f"--dp: must be >= 1, got {dp}")
+    cfg.train.gradient_accumulation_steps(dp)  # the global batch must still split over dp ranks
+    return cfg, dp
+
+
+def target_meta(ref: CheckpointRef, cfg: RunConfig, dp: int) -> dict:
+    meta = {k: v for k, v in ref.meta.items() if k not in META_KEYS_SET_BY_SAVE}
+    meta["config"] = cfg.to_dict()
+    meta["layout"] = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "dp": dp,
+                      "zero_stage": cfg.parallel.zero_stage, "world_size": cfg.parallel.tp * cfg.parallel.pp * dp}
+    meta["resharded_from"] = {"checkpoint": ref.path, "layout": ref.meta["layout"]}
+    return meta
+
+
+def save_resharded(state: FullState, cfg: RunConfig, meta: dict, weights_only: bool) -> str:
+    """Collective over an initialised default process group of size tp*pp*dp: build the target
+    engine, load `state` into it and save it as RUN_DIR/checkpoints/step_N. Returns that directory."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
+    from megalm.training import checkpoint as ckpt
+    from megalm.training.engine import build_engine
+
+    from .engine_state import apply_full_state
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    grid = initialize_process_grid(cfg.parallel.tp, cfg.parallel.pp)
+    try:
+        torch.manual_seed(cfg.train.seed)
+        engine = build_engine(cfg, grid)
+        apply_full_state(engine, state, weights_only)
+        src = state.ref.meta
+        train_state = ckpt.TrainState(step=int(src["step"]), consumed_samples=int(src["consumed_samples"]),
+                                      skipped_steps=int(src.get("skipped_steps", 0)))
+        return ckpt.save_checkpoint(engine.ds, cfg.train.run_dir, train_state, meta, keep_last=10**9)
+    finally:
+        destroy_process_grid()
+
+
+def _worker(local_rank: int, world: int, port: int, state_path: str, cfg_dict: dict, meta: dict,
+            weights_only: bool) -> None:
+    """One spawned rank of the target layout (CPU, gloo)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
+                      LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
+                      CUDA_VISIBLE_DEVICES="")
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=local_rank, world_size=world)
+    try:
+        state = load_state(state_path)
+        save_resharded(state, run_config_from_dict(cfg_dict), meta, weights_only)
+    finally:
+        dist.destroy_process_group()
+
+
+def dump_state(state: FullState, path: str) -> None:
+    torch.save({"weights": state.weights, "moments": state.moments, "adam_step": state.adam_step,
+                "engine_state": state.engine_state, "model": state.ref.meta["model"],
+                "root": state.ref.root, "tag": state.ref.tag, "meta": state.ref.meta}, path)
+
+
+def load_state(path: str) -> FullState:
+    from megalm.export.consolidate import model_config_of
+
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    ref = CheckpointRef(root=d["root"], tag=d["tag"], meta=d["meta"])
+    return FullState(cfg=model_config_of(d["meta"], path), weights=d["weights"], ref=ref, moments=d["moments"],
+                     adam_step=d["adam_step"], engine_state=d["engine_state"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
+            zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> str:
+    """Convert one checkpoint; spawns the target world's ranks locally. Returns the new step directory."""
+    ref = locate_checkpoint(checkpoint, step)
+    cfg, dp = target_config(ref, output, tp, pp, dp, zero_stage)
+    if list_checkpoints(output):
+        raise CheckpointError(f"{output} already holds checkpoints {list_checkpoints(output)}; write the "
+                              f"resharded checkpoint to a new run directory")
+    if weights_only:
+        warnings.warn("--weights-only: Adam moments and the step count restart from zero at the new layout; "
+                      "the loss curve will not continue exactly (expect a short bump while Adam re-warms)")
+    state = consolidate(ref, with_optimizer=not weights_only)
+    meta = target_meta(ref, cfg, dp)
+    os.makedirs(output, exist_ok=True)
+    scratch = os.path.join(output, SCRATCH)
+    dump_state(state, scratch)
+    world = tp * pp * dp
+    try:
+        torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), scratch, cfg.to_dict(), meta,
+                                                             weights_only),
+                                              nprocs=world, join=True, start_method="spawn")
+    finally:
+        os.unlink(scratch)
+    with open(os.path.join(output, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return locate_checkpoint(output, ref.step).path
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="megalm-reshard", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="source RUN_DIR (or RUN_DIR/checkpoints/step_N)")
+    p.add_argument("--step", type=int, default=None, help="source step (default: latest)")
+    p.add_argument("--output", required=True, help="new run directory for the resharded checkpoint")
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--pp", type=int, required=True)
+    p.add_argument("--dp", type=int, default=None, help="default: keep the world size")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None, help="default: the source's")
+    p.add_argument("--weights-only", action="store_true", help="restart the optimizer state (with a warning)")
+    args = p.parse_args(argv)
+    try:
+        path = reshard(args.checkpoint, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.step,
+                       args.weights_only)
+    except (CheckpointError, ConfigError) as e:
+        print(f"megalm-reshard: {e}", file=sys.stderr)
+        return 2
+    world = locate_checkpoint(path).meta["layout"]["world_size"]
+    print(f"wrote {path}\nresume with: torchrun --nproc_per_node={world} -m megalm.train "
+          f"--config {os.path.join(args.output, 'config.yaml')} --resume auto")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Issue 6 acceptance: a (tp, pp, dp, ZeRO) = (2, 2, 2, 1) checkpoint resharded with `megalm-reshard`
+resumes at another layout and continues the original run's loss curve within 1e-4 relative; the
+resharded files hold exactly the source's weights and Adam moments; --weights-only warns; impossible
+target layouts fail with the field named."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
+
+STEPS, SAVE_AT = 6, 3
+RTOL = 1e-4
+SOURCE = (2, 2, 2, 1)  # tp, pp, dp, zero
+
+
+def _train(config: str, overrides: list[str], resume) -> int:
+    import torch.distributed as dist
+
+    from megalm.config.run import load_run_config
+    from megalm.training.launch_env import LaunchEnv
+    from megalm.training.loop import train
+
+    cfg = load_run_config(config, overrides)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), resume=resume, stack_dump=False)
+
+
+@pytest.fixture(scope="module")
+def source(rank_pool, tmp_path_factory):
+    shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
+    run_dir = str(tmp_path_factory.mktemp("source"))
+    tp, pp, dp, zero = SOURCE
+    overrides = [f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", f"train.train_steps={STEPS}",
+                 f"train.save_interval={SAVE_AT}", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                 f"parallel.zero_stage={zero}"]
+    assert rank_pool(tp * pp * dp).run(_train, TINY_RUN, overrides, None, timeout=600) == [0] * (tp * pp * dp)
+    losses = read_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return run_dir, losses
+
+
+TARGETS = [(1, 1, 2, 1), (1, 4, 2, 1), (2, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=[f"tp{t}-pp{p}-dp{d}-z{z}" for t, p, d, z in TARGETS])
+def test_resume_after_reshard_continues_loss_curve(rank_pool, source, tmp_path, target):
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+    from megalm.export.reshard import main as reshard
+
+    src_dir, src_losses = source
+    tp, pp, dp, zero = target
+    out = str(tmp_path / "resharded")
+    assert reshard(["--checkpoint", src_dir, "--step", str(SAVE_AT), "--output", out, "--tp", str(tp),
+                    "--pp", str(pp), "--dp", str(dp), "--zero-stage", str(zero)]) == 0
+
+    # the new files hold exactly the source's weights, Adam moments, step count and schedule
+    src = consolidate(locate_checkpoint(src_dir, SAVE_AT), with_optimizer=True)
+    new_ref = locate_checkpoint(out)
+    assert new_ref.meta["layout"] == {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "world_size": tp * pp * dp}
+    assert new_ref.step == SAVE_AT and new_ref.meta["consumed_samples"] == src.ref.meta["consumed_samples"]
+    new = consolidate(new_ref, with_optimizer=True)
+    for name, w in src.weights.items():
+        assert (new.weights[name] == w).all(), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (new.moments[name][key] == src.moments[name][key]).all(), (name, key)
+    assert new.adam_step == src.adam_step == SAVE_AT
+    assert new.engine_state == src.engine_state
+
+    # resume at the new layout: steps SAVE_AT+1 .. STEPS follow the source run's curve
+    assert rank_pool(tp * pp * dp).run(_train, os.path.join(out, "config.yaml"), [], "auto",
+                                       timeout=600) == [0] * (tp * pp * dp)
+    resumed = read_losses(out)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1)), resumed
+    for step in resumed:
+        want = src_losses[step]
+        assert abs(resumed[step] - want) <= RTOL * abs(want), (step, resumed[step], want)
+
+
+def test_weights_only_warns_and_keeps_weights(source, tmp_path):
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+    from megalm.export.reshard import reshard
+
+    src_dir, _ = source
+    out = str(tmp_path / "weights-only")
+    with pytest.warns(UserWarning, match="Adam moments and the step count restart"):
+        reshard(src_dir, out, tp=1, pp=1, dp=1, zero_stage=0, step=SAVE_AT, weights_only=True)
+    src = consolidate(locate_checkpoint(src_dir, SAVE_AT))
+    new = consolidate(locate_checkpoint(out))
+    assert all((new.weights[n] == w).all() for n, w in src.weights.items())
+    assert json.load(open(os.path.join(new.ref.path, "megalm.json")))["resharded_from"]["layout"]["tp"] == 2
+
+
+def test_impossible_or_unsafe_targets_are_refused(source, tmp_path, capsys):
+    from megalm.export.reshard import main as reshard
+
+    src_dir, _ = source
+    assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "a"), "--tp", "3", "--pp", "1"]) == 2
+    assert "model.num_heads: 8 query heads cannot be split over tensor_parallel=3" in capsys.readouterr().err
+    assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "b"), "--tp", "1", "--pp", "2",
+                    "--zero-stage", "3"]) == 2
+    assert "parallel.zero_stage" in capsys.readouterr().err
+    assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "d"), "--tp", "1", "--pp", "1"]) == 2
+    assert "global_batch_size: 8 is not divisible by micro_batch_size x dp = 2 x 8" in capsys.readouterr().err
+    assert reshard(["--checkpoint", src_dir, "--output", src_dir, "--tp", "1", "--pp", "1", "--dp", "2"]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert reshard(["--checkpoint", src_dir, "--step", "5", "--output", str(tmp_path / "c"), "--tp", "1",
+                    "--pp", "1"]) == 2
+    assert "available steps: 3, 6" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""Parameter groups and the LR schedule: the same decisions whatever shape the model is built in."""
+import math
+
+import torch
+
+from megalm.config import load_model_config
+from megalm.config.train import TrainConfig
+from megalm.model import GPTModel
+from megalm.model.pipeline import pipeline_layer_specs
+from megalm.training.optimizer import parameter_groups
+from megalm.training.schedule import lr_at
+
+
+def _group_sizes(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
+    groups = parameter_groups(model, cfg)
+    decay = sum(p.numel() for p in groups[0]["params"])
+    no_decay = sum(p.numel() for g in groups[1:] for p in g["params"])
+    return decay, no_decay
+
+
+def test_groups_match_between_gpt_model_and_pipeline_layers():
+    for tied in (False, True):
+        cfg = load_model_config("tiny")
+        cfg.tie_embeddings = tied
+        train = TrainConfig()
+        whole = GPTModel(cfg)
+        built: dict = {}  # a tied spec appears twice but, as in PipelineModule, is built once
+        for i, spec in enumerate(pipeline_layer_specs(cfg)):
+            key = getattr(spec, "key", i)
+            if key not in built:
+                built[key] = spec.build()
+        layers = torch.nn.ModuleList(built.values())
+        assert _group_sizes(whole, train) == _group_sizes(layers, train)
+        decay, no_decay = _group_sizes(whole, train)
+        emb = cfg.padded_vocab_size() * cfg.hidden_size
+        norms = (2 * cfg.num_layers + 1) * cfg.hidden_size
+        assert no_decay == emb + norms  # input embedding + every RMSNorm gain, nothing else
+        train.no_decay_embeddings = False
+        assert _group_sizes(whole, train)[1] == norms
+
+
+def test_lr_schedule_warmup_then_decay_to_floor():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, train_steps=110, lr_decay="cosine")
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert math.isclose(lr_at(60, cfg), 0.55, rel_tol=1e-9)  # half way: the cosine mid-point
+    assert lr_at(110, cfg) == 0.1 and lr_at(500, cfg) == 0.1
+    cfg.lr_decay = "linear"
+    assert math.isclose(lr_at(35, cfg), 1.0 - 0.9 * 0.25, rel_tol=1e-9)
