@@ -1,0 +1,1 @@
+"""Engine construction, the training loop, schedules, metrics and checkpoints (`python -m megalm.train`)."""
