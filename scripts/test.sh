@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 . .venv/bin/activate
+# The SLURM tests start a throwaway cluster from Debian's slurm-wlm + munge. In CI a failed install is
+# an error (those tests must run there); elsewhere they skip with the reason.
+if ! bash scripts/install_slurm.sh; then
+  if [ "${CI:-}" = true ]; then echo "cannot install the SLURM packages the tests need" >&2; exit 1; fi
+  echo "warning: SLURM packages missing: the SLURM tests will skip" >&2
+fi
 set +e
 python -m pytest "$@"
 rc=$?

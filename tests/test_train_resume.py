@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.harness import free_port, run_command
+from tests.harness import free_port, run_command, signal_tree
 from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
 from megalm.training.checkpoint import checkpoint_root, complete_steps, read_latest
 
@@ -52,7 +52,7 @@ def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: flo
         if proc.poll() is not None:
             raise AssertionError(f"run exited with {proc.returncode} before step {step}:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    signal_tree(proc.pid, signal.SIGKILL)
     raise AssertionError(f"run did not reach step {step} within {timeout}s")
 
 
@@ -63,7 +63,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, 
     proc = subprocess.Popen(_torchrun(2, run_dir, shard, *LAYOUT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, **ENV, "MEGALM_FAULT": "hang@12:0"})
     _wait_for_step(run_dir, 12, proc, timeout=300)
-    os.killpg(proc.pid, signal.SIGKILL)
+    signal_tree(proc.pid, signal.SIGKILL)
     proc.wait()
     root = checkpoint_root(run_dir)
     killed_at = max(read_losses(run_dir))
@@ -90,7 +90,7 @@ def test_signal_to_one_rank_checkpoints_and_exits_zero(shard, tmp_path, sig):
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_tree(proc.pid, signal.SIGKILL)
         raise AssertionError("run did not exit within 120 s of the signal")
     assert proc.returncode == 0, out[-4000:]
     assert time.monotonic() - t0 < 60

@@ -1,8 +1,9 @@
 """Run a command (a CLI, a launcher, a whole multi-rank job) with a hard timeout that never hangs CI.
 
-The command runs in its own session so that on timeout the whole process tree gets SIGUSR2 first
-(megalm entry points register faulthandler on it and print every thread's stack to stderr), then
-SIGKILL. The failure message carries the command and the tail of its output.
+On timeout the whole process tree gets SIGUSR2 first (megalm entry points register faulthandler on
+it and print every thread's stack to stderr), then SIGKILL. "Tree", not process group: torchrun starts
+its workers in sessions of their own, so a group kill would leave the ranks running as orphans.
+The failure message carries the command and the tail of its output.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+
+from launcher.supervisor import descendants
 
 
 @dataclass
@@ -25,6 +28,15 @@ class CommandResult:
         return self
 
 
+def signal_tree(pid: int, sig: int) -> None:
+    """Send `sig` to `pid` and every process below it (collected before anything is signalled)."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
 def run_command(args: list[str], timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
                 check: bool = False) -> CommandResult:
     full_env = dict(os.environ)
@@ -34,15 +46,9 @@ def run_command(args: list[str], timeout: float, env: dict[str, str] | None = No
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGUSR2)
-            time.sleep(2.0)
-        except ProcessLookupError:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_tree(proc.pid, signal.SIGUSR2)
+        time.sleep(2.0)
+        signal_tree(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise AssertionError(f"{' '.join(args)} did not finish within {timeout:.0f}s and was killed; "
                              f"output tail (with stacks where the processes dumped them):\n{out[-12000:]}")

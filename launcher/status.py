@@ -1,0 +1,97 @@
+"""`megalm-launch status [JOB] --run-dir DIR`: where a run stands.
+
+SLURM state and restart count (`scontrol show job`), supervisor restarts (RUN_DIR/restarts.jsonl),
+the latest checkpoint step, and the last logged train step / loss / tokens per second (metrics.jsonl).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+from . import slurm
+from .checkpoints import latest_complete_step, read_latest
+from .sbatch import recorded_jobs
+from .supervisor import read_heartbeat, read_restarts
+
+
+def last_train_record(run_dir: str) -> Optional[dict]:
+    """The last `{"kind": "train", ...}` line of metrics.jsonl (read from the end: the file can be big)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            chunk = 1 << 16
+            while True:
+                start = max(0, size - chunk)
+                f.seek(start)
+                lines = f.read(size - start).splitlines()
+                for line in reversed(lines[1:] if start > 0 else lines):
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue  # a line being appended right now
+                    if rec.get("kind") == "train":
+                        return rec
+                if start == 0:
+                    return None
+                chunk *= 4
+    except OSError:
+        return None
+
+
+def collect(run_dir: str, job_id: Optional[str] = None, query_slurm: bool = True) -> dict:
+    jobs = recorded_jobs(run_dir)
+    job_id = job_id or (jobs[-1] if jobs else None)
+    out: dict = {"run_dir": run_dir, "job_id": job_id, "slurm": None}
+    if job_id and query_slurm:
+        try:
+            info = slurm.show_job(job_id)
+            if info is None:
+                out["slurm"] = {"state": "UNKNOWN (no longer in scontrol; finished jobs age out after MinJobAge)"}
+            else:
+                out["slurm"] = {"state": info.get("JobState"), "reason": info.get("Reason"),
+                                "restarts": int(info.get("Restarts", "0") or 0), "nodes": info.get("NodeList"),
+                                "run_time": info.get("RunTime"), "time_limit": info.get("TimeLimit"),
+                                "exit_code": info.get("ExitCode")}
+        except slurm.SlurmError as e:
+            out["slurm"] = {"state": f"unavailable: {e}"}
+    restarts = [r for r in read_restarts(run_dir) if r.get("event") == "restart"]
+    out["supervisor_restarts"] = len(restarts)
+    out["last_restart_reason"] = restarts[-1]["reason"] if restarts else None
+    out["latest_checkpoint"] = read_latest(run_dir)
+    out["latest_checkpoint_step"] = latest_complete_step(run_dir)
+    rec = last_train_record(run_dir)
+    out["last_step"] = rec.get("step") if rec else None
+    out["last_loss"] = rec.get("loss") if rec else None
+    out["tokens_per_s"] = rec.get("tokens_per_s") if rec else None
+    hb = read_heartbeat(run_dir)
+    out["heartbeat_step"] = hb.get("step") if hb else None
+    out["heartbeat_age_s"] = round(time.time() - hb["time"], 1) if hb and isinstance(hb.get("time"), (int, float)) else None
+    return out
+
+
+def format_status(st: dict) -> str:
+    def fmt(v, spec=""):
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"run dir:            {st['run_dir']}"]
+    if st["job_id"]:
+        s = st["slurm"] or {}
+        state = s.get("state", "-")
+        if s.get("reason") and s.get("reason") != "None":
+            state += f" ({s['reason']})"
+        lines.append(f"slurm job:          {st['job_id']}  state {state}  restarts {fmt(s.get('restarts'))}"
+                     f"  nodes {fmt(s.get('nodes'))}  run time {fmt(s.get('run_time'))}")
+    else:
+        lines.append("slurm job:          - (none recorded in RUN_DIR/slurm/jobs.txt)")
+    lines.append(f"supervisor restarts: {st['supervisor_restarts']}"
+                 + (f" (last: {st['last_restart_reason']})" if st["last_restart_reason"] else ""))
+    lines.append(f"latest checkpoint:  {fmt(st['latest_checkpoint'])} (step {fmt(st['latest_checkpoint_step'])})")
+    loss = st["last_loss"]
+    lines.append(f"last logged step:   {fmt(st['last_step'])}  loss {fmt(loss, '.4f') if isinstance(loss, (int, float)) else fmt(loss)}"
+                 f"  tokens/s {fmt(st['tokens_per_s'], '.0f') if isinstance(st['tokens_per_s'], (int, float)) else '-'}")
+    lines.append(f"heartbeat:          step {fmt(st['heartbeat_step'])}, {fmt(st['heartbeat_age_s'])} s ago")
+    return "\n".join(lines)
