@@ -21,6 +21,7 @@ import time
 import pytest
 
 from tests.harness import free_port, run_command, signal_tree
+from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts
 from tests.slurm_cluster import running_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,19 +51,8 @@ def torchrun(shard: str, run_dir: str, *extra: str, script: list[str] | None = N
             f"--master_port={free_port()}", *entry, "--config", TINY, *overrides(shard, run_dir, *extra)]
 
 
-def final_losses(run_dir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec["kind"] == "train":
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
-def restarts(run_dir) -> list[dict]:
-    path = os.path.join(run_dir, "restarts.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 def launcher(*args, expect=0, env=None, timeout=60):

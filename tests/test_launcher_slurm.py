@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.harness import run_command
+from tests.train_fixtures import read_losses as final_losses
 from tests.slurm_cluster import running_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,14 +42,6 @@ def submit_stub(cluster, tmp_path, *extra, step_time=0.15, nodes=2):
     return jobs[0].split("\t")[0], run_dir
 
 
-def final_losses(run_dir) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec["kind"] == "train":
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
 def wait_for_step(cluster, job_id, run_dir, step, timeout=60):

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.harness import free_port, run_command, signal_tree
+from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUB = os.path.join(REPO, "tests", "launcher_stub_trainer.py")
@@ -41,20 +42,8 @@ def supervise(run_dir, command, *opts, timeout=90, env=None):
                         "--", *command], timeout=timeout, env={**ENV, **(env or {})})
 
 
-def final_losses(run_dir) -> dict[int, float]:
-    """Loss per step, the last logged value winning (steps repeated after a resume are overwritten)."""
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec["kind"] == "train":
-                out[rec["step"]] = rec["loss"]
-    return out
 
 
-def restarts(run_dir) -> list[dict]:
-    path = os.path.join(run_dir, "restarts.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
 @pytest.fixture(scope="module")

@@ -42,5 +42,11 @@ def read_losses(run_dir: str, kind: str = "train") -> dict[int, float]:
     return out
 
 
+def read_restarts(run_dir: str) -> list[dict]:
+    """Restart events the supervisor logged (`megalm-launch run`), oldest first."""
+    path = os.path.join(run_dir, "restarts.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
 def python() -> str:
     return sys.executable
