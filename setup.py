@@ -15,6 +15,7 @@ RUNTIME = [
     "PyYAML==6.0.3",
     "tqdm==4.70.1",
     "zstandard==0.25.0",
+    "tiktoken==0.14.0",  # data_prep's fast byte-level BPE path (ids checked equal to tokenizers')
 ]
 
 setup(
@@ -38,6 +39,7 @@ setup(
             "megalm-generate=megalm.eval.generate:main",
             "megalm-export=megalm.export.hf:main",
             "megalm-reshard=megalm.export.reshard:main",
+            "megalm-plan=megalm.plan.cli:main",
         ]
     },
 )

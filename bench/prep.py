@@ -3,7 +3,8 @@
 Corpus: the demo corpus (this interpreter's standard library, *.py). Baseline: `Tokenizer.encode_batch`
 on the same texts, already in memory, with Rayon limited to --workers threads. Ours: the whole
 pipeline with --workers processes (discovery, hashing, reading, tokenization, shard writing, manifest).
-Prints one line each with tokens/s and MB/s, then the ratio (target >= 0.8). Best of --repeat runs,
+Prints one line each with tokens/s and MB/s, then the ratio (target >= 0.8), then the same pipeline
+with the fast BPE path off (MEGALM_FAST_BPE=0) and the fast-BPE ratio line (target >= 2x). Best of --repeat runs,
 alternating, because the machine may be shared. Then runs bench/index_build.py if it exists.
 
     python -m bench.prep [--workers 2] [--vocab-size 8192] [--repeat 2]
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from tokenizers import Tokenizer
 
     from data_prep.demo import stdlib_dir
+    from data_prep.fast_bpe import fast_encoder_for
     from data_prep.pipeline import TokenizeOptions, tokenize
     from data_prep.sources import RecordReader, Skip, discover_inputs
     from data_prep.tokenizer import EOD_TOKEN, save_tokenizer, train_bpe
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                 chunk, size = [], 0
         chunks += [chunk] if chunk else []
         raw_best, chunked_best, ours_best, raw_tokens, ours_tokens = float("inf"), float("inf"), float("inf"), 0, 0
+        slow_best = float("inf")
+        fast, why_not = fast_encoder_for(tok_path)
         for r in range(args.repeat):
             t0 = time.perf_counter()
             encodings = tok.encode_batch(texts)
@@ -84,6 +88,20 @@ def main(argv: list[str] | None = None) -> None:
             ours_best = min(ours_best, time.perf_counter() - t0)
             ours_tokens = manifest["tokens"]
             shutil.rmtree(os.path.dirname(out))
+
+            # The same pipeline with the fast BPE path switched off (tokenizers in the workers).
+            out = os.path.join(work, f"slow{r}", "stdlib")
+            os.environ["MEGALM_FAST_BPE"] = "0"
+            t0 = time.perf_counter()
+            try:
+                manifest = tokenize(TokenizeOptions(inputs=[stdlib_dir()], tokenizer=tok_path, output_prefix=out,
+                                                    glob="*.py", input_format="text", workers=args.workers,
+                                                    progress=False), out=open(os.devnull, "w"), err=open(os.devnull, "w"))
+            finally:
+                del os.environ["MEGALM_FAST_BPE"]
+            slow_best = min(slow_best, time.perf_counter() - t0)
+            assert manifest["tokens"] == raw_tokens
+            shutil.rmtree(os.path.dirname(out))
         assert ours_tokens == raw_tokens, f"token counts differ: ours {ours_tokens}, raw {raw_tokens}"
 
         def line(name: str, secs: float) -> str:
@@ -95,6 +113,12 @@ def main(argv: list[str] | None = None) -> None:
         print(line(f"megalm-prep tokenize ({args.workers} worker processes, files to shards)", ours_best))
         base = min(raw_best, chunked_best)
         print(f"prep throughput ratio (megalm-prep / faster raw encode_batch): {base / ours_best:.3f} (target >= 0.8)")
+        print(line(f"megalm-prep tokenize, fast BPE off (MEGALM_FAST_BPE=0, tokenizers in {args.workers} workers)",
+                   slow_best))
+        print(f"fast BPE: {'tiktoken core (ids proven identical to tokenizers)' if fast else 'off: ' + why_not}")
+        print(f"fast-BPE prep ratio (megalm-prep {raw_tokens / ours_best / 1e6:.3f} M tok/s / raw encode_batch "
+              f"{raw_tokens / base / 1e6:.3f} M tok/s): {base / ours_best:.2f}x (target >= 2x: "
+              f"{'PASS' if base / ours_best >= 2 else 'FAIL'}); vs our own tokenizers path: {slow_best / ours_best:.2f}x")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

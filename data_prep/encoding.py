@@ -27,8 +27,14 @@ class BatchEncoder:
         self.tokenizer = Tokenizer.from_file(tokenizer_path)
         self.dtype = np.dtype(dtype)
         self.eod = [eod_id] if eod_id is not None else []
+        # --- fast path (data_prep/fast_bpe.py): tiktoken when it provably gives the same ids ---
+        from data_prep.fast_bpe import fast_encoder_for
+
+        self.fast, self.fast_unsupported = fast_encoder_for(tokenizer_path, self.tokenizer)
 
     def encode(self, texts: list[str]) -> Encoded:
+        if self.fast is not None:
+            return self._encode_fast(texts)
         encodings = self.tokenizer.encode_batch(texts)
         extra = len(self.eod)
         lengths = np.fromiter((len(e) + extra for e in encodings), dtype=np.int64, count=len(encodings))
@@ -39,6 +45,16 @@ class BatchEncoder:
             ids = itertools.chain.from_iterable(e.ids for e in encodings)
         flat = np.fromiter(ids, dtype=self.dtype, count=total)
         return flat, lengths
+
+    def _encode_fast(self, texts: list[str]) -> Encoded:
+        assert self.fast is not None
+        arrays = self.fast.encode_batch(texts)
+        eod = np.asarray(self.eod, dtype=self.dtype)
+        lengths = np.fromiter((a.size + eod.size for a in arrays), dtype=np.int64, count=len(arrays))
+        parts = [p for a in arrays for p in (a, eod)] if eod.size else arrays
+        flat = np.concatenate(parts).astype(self.dtype, copy=False) if parts else np.empty(0, self.dtype)
+        return flat, lengths
+    # --- end fast path ---
 
 
 _WORKER_ENCODER: Optional[BatchEncoder] = None

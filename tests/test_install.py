@@ -7,7 +7,7 @@ import pytest
 from tests.harness import run_command
 
 SCRIPTS = ["megalm-prep", "megalm-train", "megalm-eval", "megalm-generate", "megalm-export", "megalm-reshard",
-           "megalm-launch"]
+           "megalm-launch", "megalm-plan"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

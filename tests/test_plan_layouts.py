@@ -1,0 +1,68 @@
+"""megalm-plan: the enumeration rules (the config validation's), the ranking and the command line."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megalm.config.model import load_model_config
+from megalm.plan.cli import main, plan
+from megalm.plan.layouts import Layout, enumerate_layouts, layout_problem
+from megalm.plan.memory import GIB, Hardware, estimate_memory, stage_parameters
+
+
+def test_every_enumerated_layout_obeys_the_rules():
+    cfg = load_model_config("7b")
+    layouts = list(enumerate_layouts(cfg, 64, 1024))
+    assert layouts and len(set(layouts)) == len(layouts)
+    for L in layouts:
+        assert L.gpus == 64 and L.tp <= 8
+        assert cfg.num_heads % L.tp == 0 and cfg.kv_heads % L.tp == 0 and cfg.num_layers >= L.pp
+        assert not (L.zero >= 2 and L.pp > 1)
+        assert 1024 % (L.micro_batch * L.dp) == 0
+    assert {L.tp for L in layouts} == {1, 2, 4, 8}
+    assert any(L.checkpointing for L in layouts) and any(not L.checkpointing for L in layouts)
+
+
+def test_rules_reject_what_config_validation_rejects():
+    cfg = load_model_config("tiny")  # 8 heads, 4 kv heads, 4 layers
+    assert "kv heads" in layout_problem(cfg, Layout(8, 1, 1, 0, 1, False), 8)
+    assert "layers" in layout_problem(cfg, Layout(1, 8, 1, 0, 1, False), 8)
+    assert "ZeRO stage 2" in layout_problem(cfg, Layout(1, 2, 2, 2, 1, False), 8)
+    assert "divisible" in layout_problem(cfg, Layout(1, 1, 3, 0, 1, False), 8)
+    assert "node" in layout_problem(cfg, Layout(16, 1, 1, 0, 1, False), 8, gpus_per_node=8)
+    assert layout_problem(cfg, Layout(2, 2, 2, 1, 1, False), 8) is None
+    # tp=8 is impossible for tiny (4 kv heads): never enumerated
+    assert all(L.tp <= 4 for L in enumerate_layouts(cfg, 16, 16))
+
+
+def test_memory_model_monotone_in_the_obvious_directions():
+    cfg = load_model_config("7b")
+    base = Layout(1, 1, 8, 0, 1, False)
+    mem = lambda L: estimate_memory(cfg, L, 4096, 64, Hardware()).total  # noqa: E731
+    assert mem(dataclasses.replace(base, zero=1)) < mem(base)
+    assert mem(dataclasses.replace(base, zero=3)) < mem(dataclasses.replace(base, zero=2)) < mem(dataclasses.replace(base, zero=1)) + 4 * GIB
+    assert mem(dataclasses.replace(base, checkpointing=True)) < mem(base)
+    assert mem(dataclasses.replace(base, micro_batch=2)) > mem(base)
+    assert sum(stage_parameters(cfg, 1, 4)) == sum(stage_parameters(cfg, 1, 1)) + 0  # untied: no extra copy
+    assert sum(stage_parameters(cfg, 2, 1)) * 2 == pytest.approx(cfg.num_parameters(), rel=0.01)
+
+
+def test_ranking_puts_fitting_layouts_first_and_bubble_counts():
+    cfg = load_model_config("13b")
+    cands = plan(cfg, 32, 512, 4096, Hardware(mem_gib=80))
+    fitting = [c for c in cands if c.fits]
+    assert fitting and all(c.fits for c in cands[: len(fitting)])
+    assert [c.time.total for c in fitting] == sorted(c.time.total for c in fitting)
+    piped = [c for c in fitting if c.layout.pp > 1]
+    assert piped and all(c.time.bubble > 0 for c in piped)
+    # 70b on 8 x 80 GiB cannot hold even its ZeRO-3-partitioned states
+    assert not any(c.fits for c in plan(load_model_config("70b"), 8, 512, 4096, Hardware(mem_gib=80)))
+
+
+def test_cli_prints_ranked_table_and_reason(capsys):
+    assert main(["--model", "7b", "--gpus", "64", "--gpu-mem-gib", "80", "--global-batch", "1024",
+                 "--seq-len", "4096", "--top", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "valid layouts" in out and "is first: predicted" in out and "fits" in out and "NO" in out
+    assert main(["--model", "nope"]) == 2

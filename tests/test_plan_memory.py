@@ -1,0 +1,47 @@
+"""The planner's memory model against measured peak tensor memory of real training steps on CPU.
+
+Measured: the c10 CPU allocator's accounting through the profiler (megalm/plan/measure.py), i.e. the
+peak bytes of live tensor storage over model build + 2 training steps, per rank. Predicted:
+megalm/plan/memory.py with the CPU hardware profile (fp32, no reserve, no fragmentation margin).
+Tiny model (0.2 M parameters; seq 256 so activations matter, seq 32 for the ZeRO buffers) and the 125m
+shape (134 M parameters; seq 64, parameter/optimizer state dominated). Each case runs in fresh processes.
+
+Known weak spot, not asserted: TP on the tiny model measures 8-18% above the prediction and varies from
+run to run by ~10% (a few MiB in total, where small unmodelled tensors matter); TP is covered by 125m."""
+from __future__ import annotations
+
+import pytest
+
+from megalm.config.model import load_model_config
+from megalm.plan.layouts import Layout
+from megalm.plan.measure import measure_training_peak, run_on_ranks
+from megalm.plan.memory import Hardware, estimate_memory
+from tests.train_fixtures import TINY_RUN
+
+TOLERANCE = 0.15
+
+CASES = [  # (model, seq, micro, global, tp, pp, dp, zero, activation checkpointing)
+    ("tiny", 256, 4, 8, 1, 1, 1, 0, False),
+    ("tiny", 256, 4, 8, 1, 2, 1, 0, False),
+    ("tiny", 256, 4, 8, 1, 1, 1, 0, True),
+    ("tiny", 32, 2, 8, 1, 1, 2, 1, False),
+    ("tiny", 32, 2, 8, 1, 1, 2, 3, False),
+    ("125m", 64, 1, 2, 1, 1, 1, 0, False),
+    ("125m", 64, 1, 2, 2, 1, 1, 0, False),
+    ("125m", 64, 1, 2, 1, 1, 2, 3, False),
+]
+
+
+@pytest.mark.parametrize("model,seq,mb,gb,tp,pp,dp,zero,ac", CASES,
+                         ids=[f"{c[0]}-s{c[1]}-tp{c[4]}-pp{c[5]}-dp{c[6]}-z{c[7]}{'-ac' if c[8] else ''}" for c in CASES])
+def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp, dp, zero, ac):
+    overrides = [f"model={model}", f"data.seq_len={seq}", f"train.micro_batch_size={mb}",
+                 f"train.global_batch_size={gb}", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                 f"parallel.zero_stage={zero}", f"train.activation_checkpointing={str(ac).lower()}"]
+    # Fresh processes, not the shared rank pool: state left by earlier tests (DeepSpeed buffers, freed
+    # tensors allocated before the tracker started) would shift what the tracker sees.
+    results = run_on_ranks(tp * pp * dp, measure_training_peak, TINY_RUN, overrides, 2)
+    measured = max(r["peak_bytes"] for r in results)
+    predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac), seq, gb, Hardware.cpu()).total
+    err = predicted / measured - 1
+    assert abs(err) <= TOLERANCE, f"predicted {predicted / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB ({err:+.1%})"
