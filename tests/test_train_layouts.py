@@ -61,3 +61,15 @@ def test_layout_matches_single_process(rank_pool, shard, baseline, tmp_path, tp,
         assert abs(got - want) <= RTOL * abs(want), (
             f"step {step}: loss {got!r} vs baseline {want!r} (rel {abs(got - want) / abs(want):.2e})\n"
             f"layout curve {losses}\nbaseline     {baseline}")
+
+
+AC_LAYOUTS = [(1, 2, 1, 0), (2, 1, 1, 0), (1, 1, 2, 3)]
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero", AC_LAYOUTS, ids=[f"ac-tp{t}-pp{p}-dp{d}-z{z}" for t, p, d, z in AC_LAYOUTS])
+def test_activation_checkpointing_matches_single_process(rank_pool, shard, baseline, tmp_path, tp, pp, dp, zero):
+    """Recomputing activations in the backward pass changes memory, not the numbers."""
+    losses = _run(rank_pool, tp * pp * dp, tp, pp, zero, shard, str(tmp_path / "run"),
+                  extra=["train.activation_checkpointing=true"])
+    for step, (got, want) in enumerate(zip(losses, baseline), start=1):
+        assert abs(got - want) <= RTOL * abs(want), f"step {step}: {got!r} vs {want!r}"

@@ -107,7 +107,10 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid) -> Engine:
         loss = PipelineLoss()
         module = PipelineModule(layers=pipeline_layer_specs(cfg.model), loss_fn=loss, topology=topology,
                                 partition_method=cfg.parallel.pipeline_partition,
-                                activation_checkpoint_interval=1 if ac else 0)
+                                activation_checkpoint_interval=1 if ac else 0,
+                                # Only blocks: checkpointing the embedding (integer ids in, nothing that
+                                # requires grad) breaks DeepSpeed's reentrant checkpoint.
+                                checkpointable_layers=["TransformerBlock"])
         optimizer = build_optimizer(module, cfg.train, cfg.parallel.zero_stage, grid)
         ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
