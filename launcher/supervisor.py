@@ -9,7 +9,8 @@ own process group. The supervisor:
     `--resume auto` when the command has no `--resume`, with exponential back-off, up to --max-restarts;
   * watches RUN_DIR/heartbeat.json (rewritten by rank 0 every step): when it has not changed for
     --hang-timeout seconds (--startup-timeout before the first beat of an attempt), the group gets
-    SIGUSR2 (every rank dumps its stacks into the log), then TERM, then KILL, and the command restarts;
+    SIGUSR2 (every rank dumps its stacks to RUN_DIR/stacks/; the supervisor prints them in rank
+    order), then TERM, then KILL, and the command restarts;
   * stops with a clear message and exit code 1 when --same-step-limit attempts in a row fail at the
     same step (a deterministic crash would otherwise loop until the time limit);
   * does not restart exit codes listed in --no-restart-codes (default 2: a config error);
@@ -33,6 +34,7 @@ from .checkpoints import latest_complete_step
 
 RESTARTS_FILE = "restarts.jsonl"
 HEARTBEAT_FILE = "heartbeat.json"
+STACKS_DIR = "stacks"  # RUN_DIR/stacks/rank<N>.txt, written on SIGUSR2 by megalm/training/signals.py
 
 
 @dataclass
@@ -108,6 +110,30 @@ def _become_subreaper() -> None:
 
 def log(msg: str) -> None:
     print(f"[megalm-launch run {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def print_stacks(run_dir: str, since: float) -> int:
+    """Print the per-rank stack dumps written since `since` (epoch s), one block per rank in rank order,
+    so a hung rank's stack reads top to bottom instead of interleaved with the others'. Returns the count."""
+    folder = os.path.join(run_dir, STACKS_DIR)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith("rank") and n.endswith(".txt"))
+    except OSError:
+        return 0
+    shown = 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            if os.path.getmtime(path) < since - 1.0:
+                continue  # an earlier attempt's rank that is no longer part of the job
+            with open(path, errors="replace") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text:
+            log(f"stacks of {name[:-4]} ({path}):\n{text}")
+            shown += 1
+    return shown
 
 
 def read_heartbeat(run_dir: str) -> Optional[dict]:
@@ -248,8 +274,12 @@ class Supervisor:
                 attempt.hung = True
                 attempt.reason = f"hang: no heartbeat progress for {idle:.0f}s {what}"
                 log(f"{attempt.reason}; dumping stacks (SIGUSR2), then killing the process group")
+                dumped_at = time.time()
                 self._signal_group(signal.SIGUSR2)
                 time.sleep(min(3.0, o.kill_grace))
+                if not print_stacks(o.run_dir, dumped_at):
+                    log(f"no stack dumps in {os.path.join(o.run_dir, STACKS_DIR)} (a trainer other than megalm's "
+                        "prints them to its own stderr, if at all)")
                 self._kill_group(o.kill_grace)
                 code = self.proc.returncode
                 break

@@ -118,9 +118,12 @@ def test_supervisor_detects_planted_hang_and_restarts(shard, reference, tmp_path
     ev = restarts(run_dir)
     assert len(ev) == 1 and ev[0]["reason"].startswith("hang: no heartbeat progress"), ev
     assert ev[0]["step"] in (hang_step - 1, hang_step) and ev[0]["resume_step"] == SAVE_EVERY, ev
-    assert "(most recent call first)" in res.output, "no stack dump in the log"
-    assert re.search(r'File ".*megalm/training/faults.py", line \d+ in act', res.output), \
-        "the hung rank's stack is missing; output tail:\n" + res.output[-6000:]
+    # each rank's dump is its own block (ranks sharing a stderr interleaved theirs line by line)
+    blocks = dict(re.findall(r"stacks of (rank\d+) \(.*?\):\n(.*?)(?=\n\[megalm-launch|\Z)", res.output, re.S))
+    assert set(blocks) == {"rank00000", "rank00001"}, "missing per-rank stack blocks:\n" + res.output[-6000:]
+    assert re.search(r'File ".*megalm/training/faults.py", line \d+ in act', blocks["rank00001"]), \
+        "the hung rank's stack is missing:\n" + blocks["rank00001"]
+    assert "faults.py" not in blocks["rank00000"], blocks["rank00000"]
     assert final_losses(run_dir) == reference
 
 

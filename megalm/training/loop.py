@@ -27,7 +27,7 @@ from .engine import Engine, build_engine
 from .faults import act, nan_at, parse_faults
 from .launch_env import LaunchEnv
 from .metrics import Heartbeat, MetricsLogger, peak_memory_gib
-from .signals import StopRequest
+from .signals import StopRequest, stack_file
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -74,7 +74,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
                                init_method="env://", rank=launch.rank, world_size=launch.world_size)
     rank = dist.get_rank()
     stop = StopRequest()
-    stop.install(stack_dump)
+    stop.install(stack_file(t.run_dir, rank) if stack_dump else None)
     faults = parse_faults()
     grid = initialize_process_grid(cfg.parallel.tp, cfg.parallel.pp)
     os.makedirs(t.run_dir, exist_ok=True)
