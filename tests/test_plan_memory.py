@@ -1,13 +1,15 @@
 """The planner's memory model against measured peak tensor memory of real training steps on CPU.
 
 Measured: the c10 CPU allocator's accounting through the profiler (megalm/plan/measure.py), i.e. the
-peak bytes of live tensor storage over model build + 2 training steps, per rank. Predicted:
+peak bytes of live tensor storage over model build + 1-2 training steps, per rank. Predicted:
 megalm/plan/memory.py with the CPU hardware profile (fp32, no reserve, no fragmentation margin).
 Tiny model (0.2 M parameters; seq 256 so activations matter, seq 32 for the ZeRO buffers) and the 125m
 shape (134 M parameters; seq 64, parameter/optimizer state dominated). Each case runs in fresh processes.
 
-Known weak spot, not asserted: TP on the tiny model measures 8-18% above the prediction and varies from
-run to run by ~10% (a few MiB in total, where small unmodelled tensors matter); TP is covered by 125m."""
+Measurement caveat (not a model error): the profiler does not see frees made on gloo's worker threads,
+which sometimes drop the last reference to a communicated tensor. Under TP the tracked bytes therefore
+drift upward by ~1 MiB per micro-batch and from run to run, while the live tensors (counted through
+gc) stay constant over 20 steps. TP cases are measured over a single step, before the drift matters."""
 from __future__ import annotations
 
 import pytest
@@ -20,27 +22,30 @@ from tests.train_fixtures import TINY_RUN
 
 TOLERANCE = 0.15
 
-CASES = [  # (model, seq, micro, global, tp, pp, dp, zero, activation checkpointing)
-    ("tiny", 256, 4, 8, 1, 1, 1, 0, False),
-    ("tiny", 256, 4, 8, 1, 2, 1, 0, False),
-    ("tiny", 256, 4, 8, 1, 1, 1, 0, True),
-    ("tiny", 32, 2, 8, 1, 1, 2, 1, False),
-    ("tiny", 32, 2, 8, 1, 1, 2, 3, False),
-    ("125m", 64, 1, 2, 1, 1, 1, 0, False),
-    ("125m", 64, 1, 2, 2, 1, 1, 0, False),
-    ("125m", 64, 1, 2, 1, 1, 2, 3, False),
+CASES = [  # (model, seq, micro, global, tp, pp, dp, zero, activation checkpointing, steps measured)
+    ("tiny", 256, 4, 8, 1, 1, 1, 0, False, 2),
+    ("tiny", 256, 4, 8, 1, 2, 1, 0, False, 2),
+    ("tiny", 256, 4, 8, 1, 1, 1, 0, True, 2),
+    ("tiny", 256, 4, 4, 2, 1, 1, 0, False, 1),
+    ("tiny", 256, 4, 4, 4, 1, 1, 0, False, 1),
+    ("tiny", 256, 4, 8, 2, 2, 1, 0, False, 1),
+    ("tiny", 32, 2, 8, 1, 1, 2, 1, False, 2),
+    ("tiny", 32, 2, 8, 1, 1, 2, 3, False, 2),
+    ("125m", 64, 1, 2, 1, 1, 1, 0, False, 2),
+    ("125m", 64, 1, 2, 2, 1, 1, 0, False, 1),
+    ("125m", 64, 1, 2, 1, 1, 2, 3, False, 2),
 ]
 
 
-@pytest.mark.parametrize("model,seq,mb,gb,tp,pp,dp,zero,ac", CASES,
+@pytest.mark.parametrize("model,seq,mb,gb,tp,pp,dp,zero,ac,steps", CASES,
                          ids=[f"{c[0]}-s{c[1]}-tp{c[4]}-pp{c[5]}-dp{c[6]}-z{c[7]}{'-ac' if c[8] else ''}" for c in CASES])
-def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp, dp, zero, ac):
+def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp, dp, zero, ac, steps):
     overrides = [f"model={model}", f"data.seq_len={seq}", f"train.micro_batch_size={mb}",
                  f"train.global_batch_size={gb}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                  f"parallel.zero_stage={zero}", f"train.activation_checkpointing={str(ac).lower()}"]
     # Fresh processes, not the shared rank pool: state left by earlier tests (DeepSpeed buffers, freed
     # tensors allocated before the tracker started) would shift what the tracker sees.
-    results = run_on_ranks(tp * pp * dp, measure_training_peak, TINY_RUN, overrides, 2)
+    results = run_on_ranks(tp * pp * dp, measure_training_peak, TINY_RUN, overrides, steps)
     measured = max(r["peak_bytes"] for r in results)
     predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac), seq, gb, Hardware.cpu()).total
     err = predicted / measured - 1

@@ -10,6 +10,9 @@ it, and glibc keeps freed memory.
 
 The profiler records the thread that started it (autograd's CPU backward runs on that thread too), and
 only allocations made after it started, so profiling starts before the model and the engine are built.
+Frees made on other threads are not seen either: gloo's worker threads sometimes drop the last reference
+to a communicated tensor, so with TP the tracked bytes drift upward from step to step (the live tensors
+do not). Measure TP layouts over one step.
 """
 from __future__ import annotations
 
