@@ -1,10 +1,14 @@
 """build_datasets: Megatron's document split, weighted blending of train shards, separate valid shards."""
 from __future__ import annotations
 
+import io
+import json
+import os
+
 import numpy as np
 import pytest
 
-from megalm.config import ConfigError, DataConfig
+from megalm.config import ConfigError, DataConfig, expand_shard_path
 from megalm.data import BlendedDataset, GPTDataset, build_datasets, split_document_ranges
 from tests.test_data_indexed import write_shard
 
@@ -76,3 +80,64 @@ def test_bad_config_and_missing_shard(tmp_path):
         build_datasets(DataConfig(train_paths=[a], train_weights=[1.0, 2.0]), 5, 0, 0)
     with pytest.raises(Exception, match="missing.idx"):
         build_datasets(DataConfig(train_paths=[str(tmp_path / "missing")]), 5, 0, 0)
+
+
+# --------------------------------------------------------- entries naming several shards (prep outputs, globs)
+
+@pytest.fixture
+def multi_shard_output(tmp_path):
+    """A real `megalm-prep tokenize` output written as several shards, with its manifest."""
+    from data_prep.pipeline import TokenizeOptions, tokenize
+    from tests.prep_fixtures import make_texts, train_tiny_tokenizer, write_jsonl
+
+    tok = train_tiny_tokenizer(str(tmp_path / "tokenizer.json"))
+    src = write_jsonl(str(tmp_path / "a.jsonl"), [{"text": t} for t in make_texts(80, seed=5)])
+    prefix = str(tmp_path / "out" / "corpus")
+    manifest = tokenize(TokenizeOptions(inputs=[src], tokenizer=tok, output_prefix=prefix, append_eod=True,
+                                        progress=False, shard_size=1500), out=io.StringIO(), err=io.StringIO())
+    shards = [str(tmp_path / "out" / s["name"]) for s in manifest["shards"]]
+    assert len(shards) >= 3 and not os.path.exists(prefix + ".idx")
+    return prefix, shards, [s["tokens"] for s in manifest["shards"]]
+
+
+def samples(ds) -> list[list[int]]:
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+def test_prep_output_prefix_names_all_its_shards(tmp_path, multi_shard_output):
+    prefix, shards, tokens = multi_shard_output
+    assert expand_shard_path(prefix) == shards
+    assert expand_shard_path(str(tmp_path / "out" / "corpus_*")) == shards  # a glob, sorted
+    other = tagged_shard(tmp_path / "other", 7, 50)
+
+    def build(paths, weights):
+        cfg = DataConfig(train_paths=paths, train_weights=weights, split="90,10,0", seq_len=16, seed=2,
+                         cache_dir=str(tmp_path / "cache" / str(len(paths))))
+        return build_datasets(cfg, 300, 30, 0)
+
+    # the entry's weight is shared by its shards in proportion to their tokens
+    explicit = build(shards + [other], [1.0 * t / sum(tokens) for t in tokens] + [0.5])
+    for entry in (prefix, str(tmp_path / "out" / "corpus_000*")):
+        expanded = build([entry, other], [1.0, 0.5])
+        assert samples(expanded[0]) == samples(explicit[0]) and samples(expanded[1]) == samples(explicit[1])
+    DataConfig(train_paths=[prefix]).check_files()
+
+
+def test_unusable_shard_entries_name_the_entry_and_the_fix(tmp_path, multi_shard_output):
+    prefix, shards, _ = multi_shard_output
+
+    def error(paths) -> str:
+        with pytest.raises(ConfigError) as e:
+            DataConfig(train_paths=paths, seq_len=8).check_files()
+        return str(e.value)
+
+    assert error([str(tmp_path / "nope")]).startswith(f"data.train_paths[0]: no shard '{tmp_path}/nope'")
+    assert "matches no shard" in error([prefix, str(tmp_path / "out" / "zzz_*")])
+    os.remove(shards[1] + ".bin")
+    assert "lists shard files that do not exist" in error([prefix])
+    manifest = json.load(open(prefix + ".manifest.json"))
+    manifest["complete"] = False
+    with open(prefix + ".manifest.json", "w") as f:
+        json.dump(manifest, f)
+    msg = error([prefix])
+    assert "prep run is not complete" in msg and "re-run the same `megalm-prep tokenize`" in msg

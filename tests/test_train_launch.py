@@ -60,7 +60,7 @@ BAD = [
     (["train.global_batch_size=6"], 2, "global_batch_size: 6 is not divisible by micro_batch_size x dp = 2 x 2"),
     (["parallel.pp=2", "parallel.zero_stage=3"], 1, "DeepSpeed's pipeline engine supports only ZeRO 0 or 1"),
     (["parallel.tp=2"], 3, "world size 3 is not divisible by tp*pp = 2*1 = 2"),
-    (["data.train_paths=[/nonexistent/shard]"], 1, "shard file '/nonexistent/shard.idx' does not exist"),
+    (["data.train_paths=[/nonexistent/shard]"], 1, "data.train_paths[0]: no shard '/nonexistent/shard'"),
     (["parallel.tp=3"], 3, "model.num_heads"),
     (["train.precision=fp8"], 1, "train.precision: must be one of 'fp32', 'bf16', 'fp16'; got 'fp8'"),
 ]

@@ -1,11 +1,53 @@
 """Data section of a run config: which token shards to train/validate on and how to cut samples."""
 from __future__ import annotations
 
+import glob
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .loader import ConfigError, require
+
+GLOB_CHARS = "*?["
+
+
+def expand_shard_path(path: str, where: str = "data.train_paths") -> list[str]:
+    """The shard prefixes one entry of a shard list names, in order:
+
+      PREFIX          PREFIX.bin and PREFIX.idx exist: that one shard;
+      PREFIX          PREFIX.manifest.json from `megalm-prep tokenize` (an output written as several shards,
+                      PREFIX_00000, PREFIX_00001, ...): every shard it lists;
+      data/*/tok      a glob: every PREFIX whose PREFIX.idx matches `data/*/tok.idx`, sorted.
+
+    Missing files and an unfinished prep run fail here, naming the entry (`where`) and the fix."""
+    if os.path.isfile(path + ".idx") and os.path.isfile(path + ".bin"):
+        return [path]
+    manifest = path + ".manifest.json"
+    if os.path.isfile(manifest):
+        try:
+            with open(manifest) as f:
+                m = json.load(f)
+            names = [entry["name"] for entry in m["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: {manifest!r} is not a readable megalm-prep manifest ({e})") from None
+        if not m.get("complete"):
+            raise ConfigError(f"{where}: {manifest!r} says the prep run is not complete; re-run the same "
+                              f"`megalm-prep tokenize` command to finish it")
+        folder = os.path.dirname(manifest)
+        shards = [os.path.join(folder, n) for n in names]
+        missing = [s + ext for s in shards for ext in (".idx", ".bin") if not os.path.isfile(s + ext)]
+        if missing:
+            raise ConfigError(f"{where}: {manifest!r} lists shard files that do not exist: {missing[:3]}")
+        return shards
+    if any(c in path for c in GLOB_CHARS):
+        shards = sorted(p[: -len(".idx")] for p in glob.glob(path + ".idx"))
+        shards = [s for s in shards if os.path.isfile(s + ".bin")]
+        if not shards:
+            raise ConfigError(f"{where}: the pattern {path!r} matches no shard (no PREFIX.idx with its PREFIX.bin)")
+        return shards
+    raise ConfigError(f"{where}: no shard {path!r}: neither {path + '.idx'!r} + {path + '.bin'!r} nor {manifest!r} "
+                      f"exists (give the prefix without .bin/.idx; build shards with `megalm-prep tokenize`)")
 
 
 def parse_split(split: str, where: str = "data") -> tuple[float, float, float]:
@@ -24,7 +66,9 @@ def parse_split(split: str, where: str = "data") -> tuple[float, float, float]:
 
 @dataclass
 class DataConfig:
-    # Shard prefixes: PREFIX names the pair PREFIX.bin / PREFIX.idx written by `megalm-prep tokenize`.
+    # Shard prefixes: PREFIX names the pair PREFIX.bin / PREFIX.idx written by `megalm-prep tokenize`, or
+    # (an output written as several shards) every shard in its PREFIX.manifest.json; globs allowed.
+    # See expand_shard_path. An entry's weight is shared by its shards in proportion to their tokens.
     train_paths: list[str] = field(default_factory=list)
     # Blending weights, one per train path (normalised to sum 1); None = equal weights.
     train_weights: Optional[list[float]] = None
@@ -53,9 +97,6 @@ class DataConfig:
         """Fail early (before any process group starts) when a shard or the tokenizer is missing."""
         for name in ("train_paths", "valid_paths", "test_paths"):
             for i, prefix in enumerate(getattr(self, name)):
-                for ext in (".idx", ".bin"):
-                    if not os.path.isfile(prefix + ext):
-                        raise ConfigError(f"{where}.{name}[{i}]: shard file {prefix + ext!r} does not exist "
-                                          f"(give the prefix without .bin/.idx; build shards with `megalm-prep tokenize`)")
+                expand_shard_path(prefix, f"{where}.{name}[{i}]")
         if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ConfigError(f"{where}.tokenizer: file {self.tokenizer!r} does not exist")

@@ -7,7 +7,9 @@ Two modes:
   * document split (neither set): each train shard is cut by `split` ("969,30,1") into contiguous
     document ranges (Megatron's rounding, so the same shard splits the same way there).
 Several train shards are blended by `train_weights` (default equal); every split uses the same weights
-restricted to the shards that have documents in it.
+restricted to the shards that have documents in it. An entry that names several shards (a multi-shard
+prep output or a glob, see `expand_shard_path`) shares its weight among them in proportion to their
+tokens, so the blend is the one the user wrote per entry.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from megalm.config import DataConfig, parse_split
+from megalm.config import DataConfig, expand_shard_path, parse_split
 
 from .blended_dataset import BlendedDataset
 from .gpt_dataset import GPTDataset
@@ -79,19 +81,33 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
             opened[prefix] = IndexedDataset(prefix)
         return opened[prefix]
 
-    train_weights = list(cfg.train_weights) if cfg.train_weights else [1.0] * len(cfg.train_paths)
+    entry_weights = list(cfg.train_weights) if cfg.train_weights else [1.0] * len(cfg.train_paths)
+    train_paths, train_weights = [], []
+    for i, (entry, w) in enumerate(zip(cfg.train_paths, entry_weights)):
+        prefixes = expand_shard_path(entry, f"data.train_paths[{i}]")
+        train_paths += prefixes
+        if len(prefixes) == 1:
+            train_weights.append(w)
+        else:
+            tokens = [max(shard(p).num_tokens, 1) for p in prefixes]
+            train_weights += [w * t / sum(tokens) for t in tokens]
+
+    def expand_all(name: str, entries: list[str]) -> list[str]:
+        return [p for i, e in enumerate(entries) for p in expand_shard_path(e, f"data.{name}[{i}]")]
+
     if cfg.valid_paths or cfg.test_paths:
-        out = [_mix(cfg, [(shard(p), None) for p in cfg.train_paths], train_weights, train_samples, "train")]
+        out = [_mix(cfg, [(shard(p), None) for p in train_paths], train_weights, train_samples, "train")]
         for name, paths, n in (("valid", cfg.valid_paths, valid_samples), ("test", cfg.test_paths, test_samples)):
+            paths = expand_all(f"{name}_paths", paths)
             parts = [(shard(p), None) for p in paths if _has_tokens(shard(p), None)]
             out.append(_mix(cfg, parts, [float(s.num_tokens) for s, _ in parts], n, name))
         train, valid, test = out
     else:
-        ranges = {p: split_document_ranges(len(shard(p)), cfg.split) for p in cfg.train_paths}
+        ranges = {p: split_document_ranges(len(shard(p)), cfg.split) for p in train_paths}
         out = []
         for k, name in enumerate(SPLIT_NAMES):
             parts, weights = [], []
-            for p, w in zip(cfg.train_paths, train_weights):
+            for p, w in zip(train_paths, train_weights):
                 start, end = ranges[p][k]
                 docs = np.arange(start, end, dtype=np.int64)
                 if end > start and _has_tokens(shard(p), docs):
@@ -100,5 +116,5 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
             out.append(_mix(cfg, parts, weights, counts[k], name))
         train, valid, test = out
     if train is None and train_samples > 0:
-        raise ValueError(f"data: no train documents with tokens in {cfg.train_paths} (split {cfg.split!r})")
+        raise ValueError(f"data: no train documents with tokens in {train_paths} (split {cfg.split!r})")
     return train, valid, test

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megalm.config import ConfigError, expand_shard_path
 from megalm.data.builder import split_document_ranges
 from megalm.data.indexed_dataset import IndexedDataset, ShardFormatError
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
@@ -78,14 +79,19 @@ def evaluate_model(model: torch.nn.Module, windows: list[ShardWindows], micro_ba
     return {**_summary(all_sum, all_tokens), "shards": shards}
 
 
+def _expand(entries: list[str], where: str) -> list[str]:
+    """Shard prefixes of `entries` (multi-shard prep outputs and globs expanded, see expand_shard_path)."""
+    return [p for i, e in enumerate(entries) for p in expand_shard_path(e, f"{where}[{i}]")]
+
+
 def _default_data(ref: CheckpointRef) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The run's own validation data: its data.valid_paths, or else the validation documents that
     data.split carves out of each train shard (exactly the documents training never saw)."""
     data = (ref.meta.get("config") or {}).get("data") or {}
     if data.get("valid_paths"):
-        return list(data["valid_paths"]), {}
+        return _expand(data["valid_paths"], "data.valid_paths"), {}
     ranges = {}
-    for prefix in data.get("train_paths") or []:
+    for prefix in _expand(data.get("train_paths") or [], "data.train_paths"):
         start, end = split_document_ranges(len(IndexedDataset(prefix)), data.get("split", "969,30,1"))[1]
         if end > start:
             ranges[prefix] = (start, end)
@@ -102,7 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     which.add_argument("--all-steps", action="store_true", help="evaluate every complete checkpoint")
-    p.add_argument("--data", nargs="+", default=None, help="validation shard prefixes (PREFIX.bin/.idx)")
+    p.add_argument("--data", nargs="+", default=None, help="validation shard prefixes (PREFIX.bin/.idx), multi-shard prep outputs or globs")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N predicted tokens only")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -158,7 +164,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for step in steps:
         ref = locate_checkpoint(args.checkpoint, step)
         seq_len = args.seq_len or int(ref.meta["config"]["data"]["seq_len"])
-        prefixes, doc_ranges = (args.data, {}) if args.data else _default_data(ref)
+        prefixes, doc_ranges = (_expand(args.data, "--data"), {}) if args.data else _default_data(ref)
         windows = eval_windows(prefixes, seq_len, args.max_tokens, doc_ranges)
         t0 = time.perf_counter()
         model = load_model(ref, grid, device)
@@ -182,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, ShardFormatError) as e:
+    except (CheckpointError, ShardFormatError, ConfigError) as e:
         print(f"megalm-eval: {e}", file=sys.stderr)
         return 2
     finally:
