@@ -3,9 +3,9 @@
 `loader` holds the generic machinery; each section has its own module (`data`, and as the engine
 lands `model`, `parallel`, `train`, `run`).
 """
-from .data import DataConfig, expand_shard_path, parse_split
+from .data import DataConfig, expand_shard_path, expand_shard_paths, parse_split
 from .model import ModelConfig, load_model_config
 from .loader import ConfigError, apply_overrides, from_dict, load_yaml, require, to_dict
 
-__all__ = ["ConfigError", "DataConfig", "apply_overrides", "expand_shard_path", "from_dict", "load_yaml", "parse_split",
+__all__ = ["ConfigError", "DataConfig", "apply_overrides", "expand_shard_path", "expand_shard_paths", "from_dict", "load_yaml", "parse_split",
            "require", "to_dict"]

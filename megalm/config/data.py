@@ -64,6 +64,12 @@ def parse_split(split: str, where: str = "data") -> tuple[float, float, float]:
     return (nums[0] / total, nums[1] / total, nums[2] / total)
 
 
+
+def expand_shard_paths(entries: list[str], where: str) -> list[str]:
+    """Every shard prefix a list of entries names, in order (`where` names the list, e.g. "data.valid_paths")."""
+    return [p for i, e in enumerate(entries) for p in expand_shard_path(e, f"{where}[{i}]")]
+
+
 @dataclass
 class DataConfig:
     # Shard prefixes: PREFIX names the pair PREFIX.bin / PREFIX.idx written by `megalm-prep tokenize`, or
@@ -96,7 +102,6 @@ class DataConfig:
     def check_files(self, where: str = "data") -> None:
         """Fail early (before any process group starts) when a shard or the tokenizer is missing."""
         for name in ("train_paths", "valid_paths", "test_paths"):
-            for i, prefix in enumerate(getattr(self, name)):
-                expand_shard_path(prefix, f"{where}.{name}[{i}]")
+            expand_shard_paths(getattr(self, name), f"{where}.{name}")
         if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ConfigError(f"{where}.tokenizer: file {self.tokenizer!r} does not exist")

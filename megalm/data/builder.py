@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from megalm.config import DataConfig, expand_shard_path, parse_split
+from megalm.config import DataConfig, expand_shard_path, expand_shard_paths, parse_split
 
 from .blended_dataset import BlendedDataset
 from .gpt_dataset import GPTDataset
@@ -92,13 +92,10 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
             tokens = [max(shard(p).num_tokens, 1) for p in prefixes]
             train_weights += [w * t / sum(tokens) for t in tokens]
 
-    def expand_all(name: str, entries: list[str]) -> list[str]:
-        return [p for i, e in enumerate(entries) for p in expand_shard_path(e, f"data.{name}[{i}]")]
-
     if cfg.valid_paths or cfg.test_paths:
         out = [_mix(cfg, [(shard(p), None) for p in train_paths], train_weights, train_samples, "train")]
         for name, paths, n in (("valid", cfg.valid_paths, valid_samples), ("test", cfg.test_paths, test_samples)):
-            paths = expand_all(f"{name}_paths", paths)
+            paths = expand_shard_paths(paths, f"data.{name}_paths")
             parts = [(shard(p), None) for p in paths if _has_tokens(shard(p), None)]
             out.append(_mix(cfg, parts, [float(s.num_tokens) for s, _ in parts], n, name))
         train, valid, test = out

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megalm.config import ConfigError, expand_shard_path
+from megalm.config import ConfigError, expand_shard_paths
 from megalm.data.builder import split_document_ranges
 from megalm.data.indexed_dataset import IndexedDataset, ShardFormatError
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
@@ -79,19 +79,14 @@ def evaluate_model(model: torch.nn.Module, windows: list[ShardWindows], micro_ba
     return {**_summary(all_sum, all_tokens), "shards": shards}
 
 
-def _expand(entries: list[str], where: str) -> list[str]:
-    """Shard prefixes of `entries` (multi-shard prep outputs and globs expanded, see expand_shard_path)."""
-    return [p for i, e in enumerate(entries) for p in expand_shard_path(e, f"{where}[{i}]")]
-
-
 def _default_data(ref: CheckpointRef) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The run's own validation data: its data.valid_paths, or else the validation documents that
     data.split carves out of each train shard (exactly the documents training never saw)."""
     data = (ref.meta.get("config") or {}).get("data") or {}
     if data.get("valid_paths"):
-        return _expand(data["valid_paths"], "data.valid_paths"), {}
+        return expand_shard_paths(data["valid_paths"], "data.valid_paths"), {}
     ranges = {}
-    for prefix in _expand(data.get("train_paths") or [], "data.train_paths"):
+    for prefix in expand_shard_paths(data.get("train_paths") or [], "data.train_paths"):
         start, end = split_document_ranges(len(IndexedDataset(prefix)), data.get("split", "969,30,1"))[1]
         if end > start:
             ranges[prefix] = (start, end)
@@ -164,7 +159,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for step in steps:
         ref = locate_checkpoint(args.checkpoint, step)
         seq_len = args.seq_len or int(ref.meta["config"]["data"]["seq_len"])
-        prefixes, doc_ranges = (_expand(args.data, "--data"), {}) if args.data else _default_data(ref)
+        prefixes, doc_ranges = (expand_shard_paths(args.data, "--data"), {}) if args.data else _default_data(ref)
         windows = eval_windows(prefixes, seq_len, args.max_tokens, doc_ranges)
         t0 = time.perf_counter()
         model = load_model(ref, grid, device)
