@@ -35,14 +35,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- process plumbing
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, threads: int, fn: Callable, args: tuple, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -76,7 +68,9 @@ def spawn(world: int, fn: Callable, *args: Any, threads: int = 0, distributed: b
     """Run fn(*args) on `world` fresh processes (joined by a process group when `distributed`); results by rank."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    port = _free_port()
+    from megalm.training.launch_env import free_port
+
+    port = free_port()
     threads = threads or max(1, (os.cpu_count() or 1) // world)
     procs = [ctx.Process(target=_rank_main, args=(r, world if distributed else 0, port, threads, fn, args, out))
              for r in range(world)]

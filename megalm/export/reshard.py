@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import socket
 import sys
 import warnings
 from typing import Optional
@@ -28,6 +27,7 @@ import yaml
 
 from megalm.config import ConfigError
 from megalm.config.run import RunConfig, run_config_from_dict
+from megalm.training.launch_env import free_port
 
 from .checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
 from .consolidate import FullState, consolidate
@@ -121,12 +121,6 @@ def load_state(path: str) -> FullState:
                      adam_step=d["adam_step"], engine_state=d["engine_state"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
             zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> str:
     """Convert one checkpoint; spawns the target world's ranks locally. Returns the new step directory."""
@@ -145,7 +139,7 @@ def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = 
     dump_state(state, scratch)
     world = tp * pp * dp
     try:
-        torch.multiprocessing.start_processes(_worker, args=(world, _free_port(), scratch, cfg.to_dict(), meta,
+        torch.multiprocessing.start_processes(_worker, args=(world, free_port(), scratch, cfg.to_dict(), meta,
                                                              weights_only),
                                               nprocs=world, join=True, start_method="spawn")
     finally:

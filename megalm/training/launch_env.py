@@ -45,10 +45,14 @@ def slurm_master_port(job_id: str) -> int:
     return port + 1 if port == DEFAULT_PORT_TO_AVOID else port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A TCP port free right now for a rendezvous on this host, never 29500 (the default other jobs use)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        if port != DEFAULT_PORT_TO_AVOID:
+            return port
 
 
 def discover(environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -66,7 +70,7 @@ def discover(environ: Mapping[str, str] | None = None) -> LaunchEnv:
                          addr, port, "slurm")
     if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")):
         return _discover_mpi(env)
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or _free_port()), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
 
 
 def _resolve_first_host(nodelist: str) -> str:
@@ -93,7 +97,7 @@ def _discover_mpi(env: Mapping[str, str]) -> LaunchEnv:
     addr, port = None, None
     if rank == 0:
         addr = env.get("MASTER_ADDR") or socket.gethostbyname(socket.gethostname())
-        port = int(env.get("MASTER_PORT") or _free_port())
+        port = int(env.get("MASTER_PORT") or free_port())
     addr, port = comm.bcast((addr, port), root=0)
     return LaunchEnv(rank, size, local_rank, addr, port, "mpi")
 

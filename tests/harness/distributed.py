@@ -18,23 +18,12 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import socket
 import tempfile
 import time
 import traceback
 from typing import Any, Callable
 
-DEFAULT_PORT_TO_AVOID = 29500
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (never 29500)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port != DEFAULT_PORT_TO_AVOID:
-            return port
+from megalm.training.launch_env import free_port  # never 29500
 
 
 class RankPoolError(RuntimeError):
