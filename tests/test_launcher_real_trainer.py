@@ -21,7 +21,7 @@ import time
 import pytest
 
 from tests.harness import free_port, run_command, signal_tree
-from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts
+from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts, wait_for_heartbeat
 from tests.slurm_cluster import running_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,13 +59,6 @@ def launcher(*args, expect=0, env=None, timeout=60):
     return run_command([sys.executable, "-m", "launcher", *args], timeout=timeout, env={**ENV, **(env or {})}).check(expect)
 
 
-def heartbeat(run_dir) -> dict:
-    try:
-        return json.load(open(os.path.join(run_dir, "heartbeat.json")))
-    except (OSError, ValueError):
-        return {}
-
-
 @pytest.fixture(scope="module")
 def reference(shard, tmp_path_factory):
     """Uninterrupted 2-rank run (dp=2): the loss curve every interrupted run must reproduce exactly."""
@@ -84,10 +77,7 @@ def test_supervisor_restarts_after_sigkill_of_one_rank(shard, reference, tmp_pat
                              *torchrun(shard, run_dir)], env={**os.environ, **ENV}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None and heartbeat(run_dir).get("step", 0) < SAVE_EVERY + 2:
-            time.sleep(0.02)
-        hb = heartbeat(run_dir)
+        hb = wait_for_heartbeat(run_dir, SAVE_EVERY + 2, 240, alive=lambda: proc.poll() is None)
         assert proc.poll() is None and SAVE_EVERY + 2 <= hb.get("step", 0) < STEPS, f"missed the window: {hb}"
         os.kill(hb["pid"], signal.SIGKILL)  # rank 0 (the heartbeat writer); torchrun tears down rank 1
         out, _ = proc.communicate(timeout=300)
@@ -206,10 +196,8 @@ def test_slurm_two_node_job_trains_tiny_model(slurm_cluster, shard, reference, t
 
 def test_slurm_preempted_job_requeues_and_resumes_exactly(slurm_cluster, shard, reference, tmp_path):
     job, run_dir = submit(slurm_cluster, shard, tmp_path)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and heartbeat(run_dir).get("step", 0) < 4:
-        time.sleep(0.05)
-    assert heartbeat(run_dir).get("step", 0) >= 4, (slurm_cluster.job(job), job_output(run_dir, job)[-4000:])
+    hb = wait_for_heartbeat(run_dir, 4, 240)
+    assert hb.get("step", 0) >= 4, (slurm_cluster.job(job), job_output(run_dir, job)[-4000:])
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job])
     info = slurm_cluster.wait_job(job, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
     out = job_output(run_dir, job)

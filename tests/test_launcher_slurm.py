@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pytest
 
 from tests.harness import run_command
-from tests.train_fixtures import read_losses as final_losses
+from tests.train_fixtures import read_losses as final_losses, wait_for_heartbeat
 from tests.slurm_cluster import running_cluster
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,14 +44,8 @@ def submit_stub(cluster, tmp_path, *extra, step_time=0.15, nodes=2):
 
 
 def wait_for_step(cluster, job_id, run_dir, step, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if json.load(open(os.path.join(run_dir, "heartbeat.json")))["step"] >= step:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.1)
+    if wait_for_heartbeat(run_dir, step, timeout).get("step", 0) >= step:
+        return
     raise AssertionError(f"job {job_id} did not reach step {step}: {cluster.job(job_id)}\n{job_output(run_dir, job_id)}")
 
 

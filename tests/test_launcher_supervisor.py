@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.harness import free_port, run_command, signal_tree
-from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts
+from tests.train_fixtures import read_losses as final_losses, read_restarts as restarts, wait_for_heartbeat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUB = os.path.join(REPO, "tests", "launcher_stub_trainer.py")
@@ -72,16 +72,7 @@ def test_sigkill_of_one_rank_under_torchrun_restarts(tmp_path, reference):
                              *cmd], env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        hb = {}
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                hb = json.load(open(os.path.join(run_dir, "heartbeat.json")))
-            except (OSError, ValueError):
-                hb = {}
-            if hb.get("step", 0) >= 7:
-                break
-            time.sleep(0.05)
+        hb = wait_for_heartbeat(run_dir, 7, 60, alive=lambda: proc.poll() is None)
         assert hb.get("step", 0) >= 7, "the run never reached step 7"
         os.kill(hb["pid"], signal.SIGKILL)  # rank 0 (it writes the heartbeat)
         out, _ = proc.communicate(timeout=90)
@@ -137,14 +128,7 @@ def test_sigterm_is_forwarded_checkpoint_and_no_restart(tmp_path):
                              "--config", cfg], env={**os.environ, **ENV}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if json.load(open(os.path.join(run_dir, "heartbeat.json")))["step"] >= 3:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
+        wait_for_heartbeat(run_dir, 3, 30)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:

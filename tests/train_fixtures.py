@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from typing import Callable
 
 import numpy as np
 
 from data_prep.mmidx import ShardWriter
+from launcher.supervisor import read_heartbeat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = os.path.join(REPO, "configs", "run", "tiny.yaml")
@@ -46,6 +49,19 @@ def read_restarts(run_dir: str) -> list[dict]:
     """Restart events the supervisor logged (`megalm-launch run`), oldest first."""
     path = os.path.join(run_dir, "restarts.jsonl")
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def wait_for_heartbeat(run_dir: str, step: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict:
+    """Poll RUN_DIR/heartbeat.json until its step reaches `step`, `timeout` s pass or alive() turns false;
+    the last heartbeat read ({} when there was none). Callers assert on it."""
+    deadline = time.monotonic() + timeout
+    hb: dict = {}
+    while time.monotonic() < deadline and alive():
+        hb = read_heartbeat(run_dir) or {}
+        if hb.get("step", 0) >= step:
+            break
+        time.sleep(0.02)
+    return hb
 
 
 def python() -> str:
