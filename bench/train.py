@@ -110,11 +110,9 @@ def _batches(cfg, accum: int, dp_rank: int, step: int):
     """Synthetic micro-batches (uniform random tokens): the same shapes the data pipeline delivers."""
     import torch
 
-    g = torch.Generator().manual_seed(1000 * step + dp_rank)
-    out = []
-    for _ in range(accum):
-        toks = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1), generator=g)
-        out.append((toks[:, :-1].contiguous(), toks[:, 1:].contiguous()))
+    from megalm.plan.measure import synthetic_micro_batches
+
+    out = synthetic_micro_batches(cfg, accum, torch.Generator().manual_seed(1000 * step + dp_rank))
     if torch.cuda.is_available():
         out = [(a.cuda(), b.cuda()) for a, b in out]
     return out

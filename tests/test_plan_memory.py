@@ -16,8 +16,9 @@ import pytest
 
 from megalm.config.model import load_model_config
 from megalm.plan.layouts import Layout
-from megalm.plan.measure import measure_training_peak, run_on_ranks
+from megalm.plan.measure import measure_training_peak
 from megalm.plan.memory import Hardware, estimate_memory
+from tests.harness import RankPool
 from tests.train_fixtures import TINY_RUN
 
 TOLERANCE = 0.15
@@ -43,9 +44,10 @@ def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp
     overrides = [f"model={model}", f"data.seq_len={seq}", f"train.micro_batch_size={mb}",
                  f"train.global_batch_size={gb}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                  f"parallel.zero_stage={zero}", f"train.activation_checkpointing={str(ac).lower()}"]
-    # Fresh processes, not the shared rank pool: state left by earlier tests (DeepSpeed buffers, freed
+    # A fresh pool, not the session's shared `rank_pool`: state left by earlier tests (DeepSpeed buffers, freed
     # tensors allocated before the tracker started) would shift what the tracker sees.
-    results = run_on_ranks(tp * pp * dp, measure_training_peak, TINY_RUN, overrides, steps)
+    with RankPool(tp * pp * dp) as pool:
+        results = pool.run(measure_training_peak, TINY_RUN, overrides, steps, timeout=300)
     measured = max(r["peak_bytes"] for r in results)
     predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac), seq, gb, Hardware.cpu()).total
     err = predicted / measured - 1

@@ -16,8 +16,6 @@ do not). Measure TP layouts over one step.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 
 class AllocationTracker:
     """Context manager: `.peak` / `.current` bytes of tensor storage allocated since entering."""
@@ -45,6 +43,19 @@ class AllocationTracker:
         self.peak, self.current = peak, cur
 
 
+def synthetic_micro_batches(cfg, accum: int, generator) -> list:
+    """`accum` (input_ids, labels) micro-batches of uniform random tokens, shaped as the data pipeline
+    delivers them (`cfg`: a RunConfig). Token values do not change memory or time per step."""
+    import torch
+
+    out = []
+    for _ in range(accum):
+        toks = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
+                             generator=generator)
+        out.append((toks[:, :-1].contiguous(), toks[:, 1:].contiguous()))
+    return out
+
+
 def measure_training_peak(config: str, overrides: list[str], steps: int = 2) -> dict:
     """Run on every rank of an initialised gloo group: build our engine for the run config and train
     `steps` steps on synthetic tokens; returns this rank's peak tracked tensor bytes."""
@@ -64,22 +75,7 @@ def measure_training_peak(config: str, overrides: list[str], steps: int = 2) -> 
         engine = build_engine(cfg, grid)
         g = torch.Generator().manual_seed(grid.dp_rank)
         for _ in range(steps):
-            batches = []
-            for _ in range(accum):
-                toks = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len + 1),
-                                     generator=g)
-                batches.append((toks[:, :-1].contiguous(), toks[:, 1:].contiguous()))
-            engine.train_step(batches)
+            engine.train_step(synthetic_micro_batches(cfg, accum, g))
         del engine
     destroy_process_grid()
     return {"peak_bytes": tracker.peak}
-
-
-def run_on_ranks(world: int, fn: Callable, *args) -> list:
-    """Spawn `world` fresh gloo ranks (one torch thread each) and run fn(*args) on each."""
-    import sys
-
-    sys.path.insert(0, __file__.rsplit("/megalm/", 1)[0])
-    from bench.train import spawn
-
-    return spawn(world, fn, *args, threads=1)
