@@ -7,30 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from bench.index_build import megatron_sample_index  # the line-by-line port of Megatron's C++ loop
 from megalm.data import GPTDataset, IndexedDataset
 from megalm.data.gpt_dataset import build_doc_index, build_sample_index
 from tests.test_data_indexed import random_docs, write_shard
-
-
-def megatron_sample_index(sizes, doc_idx, seq_len, num_epochs, tokens_per_epoch):
-    """Line-by-line port of Megatron-LM's C++ helpers.build_sample_idx, the reference."""
-    num_samples = (num_epochs * tokens_per_epoch - 1) // seq_len
-    out = np.zeros((num_samples + 1, 2), np.int64)
-    sample_index, doc_idx_index, doc_offset = 1, 0, 0
-    while sample_index <= num_samples:
-        remaining = seq_len + 1
-        while remaining != 0:
-            doc_length = int(sizes[doc_idx[doc_idx_index]]) - doc_offset
-            remaining -= doc_length
-            if remaining <= 0:
-                doc_offset += remaining + doc_length - 1
-                remaining = 0
-            else:
-                doc_idx_index += 1
-                doc_offset = 0
-        out[sample_index] = (doc_idx_index, doc_offset)
-        sample_index += 1
-    return out
 
 
 def stream_of(ds: GPTDataset) -> np.ndarray:
@@ -46,7 +26,8 @@ def test_sample_index_matches_megatron_loop(seq_len):
     doc_idx = build_doc_index(np.arange(300), 3, np.random.RandomState(5), False)
     tokens = int(sizes.sum())
     ours = build_sample_index(sizes, doc_idx, seq_len)
-    assert np.array_equal(ours, megatron_sample_index(sizes, doc_idx, seq_len, 3, tokens))
+    num_samples = (3 * tokens - 1) // seq_len  # Megatron's count for 3 epochs
+    assert np.array_equal(ours, megatron_sample_index(sizes, doc_idx, seq_len, num_samples))
 
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32])

@@ -8,6 +8,7 @@ from typing import Iterator
 from megalm.config import ConfigError
 from megalm.config.model import ModelConfig
 from megalm.config.parallel import ParallelConfig
+from megalm.config.train import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,10 @@ def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_p
     try:
         model.check_layout(layout.tp, layout.pp)
         ParallelConfig(tp=layout.tp, pp=layout.pp, zero_stage=layout.zero).validate()  # type: ignore[arg-type]
+        batch = TrainConfig(micro_batch_size=layout.micro_batch, global_batch_size=global_batch)
+        batch.gradient_accumulation_steps(layout.dp)
     except ConfigError as e:
         return str(e)
-    if global_batch % (layout.micro_batch * layout.dp) != 0:
-        return f"global batch {global_batch} is not divisible by micro batch x dp = {layout.micro_batch * layout.dp}"
     return None
 
 
