@@ -119,7 +119,7 @@ def test_specs_reject_more_stages_than_layers():
 def _specs_under_tp_pp(tied):
     from megalm.parallel import destroy_process_grid, initialize_process_grid
 
-    grid = initialize_process_grid(2, 2)
+    initialize_process_grid(2, 2)
     try:
         cfg = dataclasses.replace(load_model_config("tiny"), tie_embeddings=tied)
         return _compare_specs_with_model(cfg)  # grid=None: both pick up the current grid

@@ -6,8 +6,6 @@ TPS = (2, 4)
 
 
 def _close(a, b, tol=1e-5):
-    import torch
-
     scale = b.abs().max().clamp(min=1e-12)
     err = float((a - b).abs().max() / scale)
     assert err <= tol, f"relative error {err:.3g} > {tol}"

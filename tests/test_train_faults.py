@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.harness import free_port, run_command
-from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
+from tests.train_fixtures import TINY_RUN, write_synthetic_shard
 from megalm.training.checkpoint import checkpoint_root, complete_steps, read_latest, read_meta
 
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -3,7 +3,6 @@ configs rejected before any process group starts, each with its message."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 import pytest

@@ -2,8 +2,6 @@
 single-process baseline, within 1e-4 relative at every one of 20 steps, with the same global batch."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard

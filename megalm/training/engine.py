@@ -8,7 +8,7 @@ difference between the two engine kinds: who loops over micro-batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import deepspeed
 import torch
