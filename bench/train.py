@@ -53,9 +53,10 @@ def _rank_main(rank: int, world: int, port: int, threads: int, fn: Callable, arg
             import deepspeed
             import torch.distributed as dist
 
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if torch.cuda.is_available():
-                torch.cuda.set_device(rank)
+            from megalm.parallel.device import dist_backend, select_device
+
+            select_device(rank)
+            backend = dist_backend()
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                     timeout=datetime.timedelta(minutes=10))
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
@@ -112,10 +113,7 @@ def _batches(cfg, accum: int, dp_rank: int, step: int):
 
     from megalm.plan.measure import synthetic_micro_batches
 
-    out = synthetic_micro_batches(cfg, accum, torch.Generator().manual_seed(1000 * step + dp_rank))
-    if torch.cuda.is_available():
-        out = [(a.cuda(), b.cuda()) for a, b in out]
-    return out
+    return synthetic_micro_batches(cfg, accum, torch.Generator().manual_seed(1000 * step + dp_rank))
 
 
 def _sync() -> None:
@@ -173,9 +171,10 @@ def run_plain(config: str, overrides: list[str], steps: int, warmup: int) -> dic
     cfg = _load(config, overrides)
     t = cfg.train
     accum = t.gradient_accumulation_steps(1)
-    model = GPTModel(cfg.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    from megalm.parallel.device import run_device
+
+    device = run_device()
+    model = GPTModel(cfg.model).to(device)
     model.activation_checkpointing = t.activation_checkpointing
     opt = torch.optim.AdamW(parameter_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                             weight_decay=t.weight_decay)
@@ -183,7 +182,8 @@ def run_plain(config: str, overrides: list[str], steps: int, warmup: int) -> dic
 
     def step(i: int) -> None:
         for ids, labels in _batches(cfg, accum, 0, i):
-            with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=dtype, enabled=dtype is not None):
+            ids, labels = ids.to(device), labels.to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss = model.loss(model(ids), labels) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -232,6 +232,7 @@ def run_hf_zero3(config: str, overrides: list[str], steps: int, warmup: int) -> 
 
     def step(i: int) -> None:
         for ids, labels in _batches(cfg, accum, dist.get_rank(), i):
+            ids, labels = ids.to(ds.device), labels.to(ds.device)
             logits = ds(input_ids=ids).logits
             loss = F.cross_entropy(logits.float().view(-1, vocab), labels.view(-1))
             ds.backward(loss)

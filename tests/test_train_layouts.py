@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
+from tests.train_fixtures import LAYOUT_STEPS as STEPS, layout_curve, write_synthetic_shard
 
-STEPS = 20
 RTOL = 1e-4
-
-
-def _train(overrides: list[str], run_dir: str):
-    """Runs on every rank of a pool: the real entry's train() with the pool's process group."""
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides + [f"train.run_dir={run_dir}", f"train.train_steps={STEPS}"])
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rc = train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
-    return rc, (read_losses(run_dir) if rank == 0 else None)
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +15,7 @@ def shard(tmp_path_factory):
 
 
 def _run(rank_pool, world, tp, pp, zero, shard, run_dir, extra=()):
-    overrides = [f"data.train_paths=[{shard}]", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                 f"parallel.zero_stage={zero}", "train.save_at_end=false", *extra]
-    results = rank_pool(world).run(_train, overrides, run_dir, timeout=600)
-    assert all(rc == 0 for rc, _ in results), results
-    losses = results[0][1]
-    assert sorted(losses) == list(range(1, STEPS + 1)), f"missing steps in {losses}"
-    return [losses[s] for s in range(1, STEPS + 1)]
+    return layout_curve(rank_pool, tp, pp, world // (tp * pp), zero, shard, run_dir, extra)
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,17 @@ ENV = {"OMP_NUM_THREADS": "1"}
 LAYOUT = ["parallel.pp=2", "parallel.zero_stage=1"]  # a pipeline: its checkpoint has per-layer files
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(shard, tmp_path_factory):
+PRECISIONS = ["fp32", "bf16"]  # bf16: DeepSpeed's bf16 optimizer state (fp32 master weights) resumes exactly too
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def uninterrupted(request, shard, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("full"))
-    run_command(_torchrun(2, run_dir, shard, *LAYOUT), timeout=400, env=ENV, check=True)
+    run_command(_torchrun(2, run_dir, shard, *LAYOUT, f"train.precision={request.param}"), timeout=400, env=ENV,
+                check=True)
     losses = read_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return losses
+    return request.param, losses
 
 
 def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -57,10 +61,12 @@ def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, tmp_path):
+    precision, uninterrupted = uninterrupted
+    layout = [*LAYOUT, f"train.precision={precision}"]
     run_dir = str(tmp_path / "killed")
     # The tiny run is faster than any polling: a drill parks rank 0 after step 12 (past the step-10
     # checkpoint, before step 15's) so the SIGKILL lands between checkpoints every time.
-    proc = subprocess.Popen(_torchrun(2, run_dir, shard, *LAYOUT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_torchrun(2, run_dir, shard, *layout), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, **ENV, "MEGALM_FAULT": "hang@12:0"})
     _wait_for_step(run_dir, 12, proc, timeout=300)
     signal_tree(proc.pid, signal.SIGKILL)
@@ -69,7 +75,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, 
     killed_at = max(read_losses(run_dir))
     assert read_latest(root) is not None and complete_steps(root)[-1] < killed_at
     resumed_from = complete_steps(root)[-1]
-    out = run_command(_torchrun(2, run_dir, shard, *LAYOUT, resume=True), timeout=400, env=ENV, check=True).output
+    out = run_command(_torchrun(2, run_dir, shard, *layout, resume=True), timeout=400, env=ENV, check=True).output
     assert f"resumed from step {resumed_from}" in out
     losses = read_losses(run_dir)  # steps after the checkpoint are the resumed run's (logged last)
     assert [losses[s] for s in range(1, STEPS + 1)] == [uninterrupted[s] for s in range(1, STEPS + 1)]

@@ -33,6 +33,11 @@ def write_synthetic_shard(prefix: str, vocab: int = 48, documents: int = 600, se
 
 
 def read_losses(run_dir: str, kind: str = "train") -> dict[int, float]:
+    return read_metric(run_dir, "loss", kind)
+
+
+def read_metric(run_dir: str, name: str, kind: str = "train") -> dict[int, float]:
+    """{step: value} of one metrics.jsonl field."""
     out = {}
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -41,7 +46,7 @@ def read_losses(run_dir: str, kind: str = "train") -> dict[int, float]:
         for line in f:
             rec = json.loads(line)
             if rec["kind"] == kind:
-                out[rec["step"]] = rec["loss"]
+                out[rec["step"]] = rec[name]
     return out
 
 
@@ -66,3 +71,31 @@ def wait_for_heartbeat(run_dir: str, step: int, timeout: float, alive: Callable[
 
 def python() -> str:
     return sys.executable
+
+
+LAYOUT_STEPS = 20  # the layout and precision tests' curve length
+
+
+def train_in_pool(overrides: list[str], run_dir: str):
+    """Runs on every rank of a RankPool: the real entry's train() with the pool's process group."""
+    import torch.distributed as dist
+
+    from megalm.config.run import load_run_config
+    from megalm.training.launch_env import LaunchEnv
+    from megalm.training.loop import train
+
+    cfg = load_run_config(TINY_RUN, overrides + [f"train.run_dir={run_dir}", f"train.train_steps={LAYOUT_STEPS}"])
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rc = train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
+    return rc, (read_losses(run_dir) if rank == 0 else None)
+
+
+def layout_curve(rank_pool, tp: int, pp: int, dp: int, zero: int, shard: str, run_dir: str, extra=()) -> list[float]:
+    """The LAYOUT_STEPS-step loss curve of the tiny run at (tp, pp, dp, zero), same global batch."""
+    overrides = [f"data.train_paths=[{shard}]", f"parallel.tp={tp}", f"parallel.pp={pp}",
+                 f"parallel.zero_stage={zero}", "train.save_at_end=false", *extra]
+    results = rank_pool(tp * pp * dp).run(train_in_pool, overrides, run_dir, timeout=600)
+    assert all(rc == 0 for rc, _ in results), results
+    losses = results[0][1]
+    assert sorted(losses) == list(range(1, LAYOUT_STEPS + 1)), f"missing steps in {losses}"
+    return [losses[s] for s in range(1, LAYOUT_STEPS + 1)]

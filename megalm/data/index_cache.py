@@ -82,15 +82,9 @@ def _build_locally(cache_dir: str, stem: str, paths: dict[str, str], build: Call
 
 def _all_ranks_ok(ok: bool) -> bool:
     """A barrier that also tells every rank whether all of them succeeded (MIN all-reduce of a flag)."""
-    import torch
-    import torch.distributed as dist
+    from megalm.parallel.device import all_ranks
 
-    device = torch.device("cpu")
-    if dist.get_backend() == "nccl":  # NCCL only reduces device tensors
-        device = torch.device("cuda", torch.cuda.current_device())
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return all_ranks(ok)
 
 
 def _distributed() -> bool:

@@ -30,6 +30,7 @@ from megalm.data.builder import split_document_ranges
 from megalm.data.indexed_dataset import IndexedDataset, ShardFormatError
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
 from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalm.parallel.device import dist_backend, reduce_scalars, run_device, select_device
 
 from .model_loading import load_model
 from .windows import IGNORE_INDEX, ShardWindows, batches, eval_windows
@@ -56,8 +57,7 @@ def shard_loss_sum(model: torch.nn.Module, sw: ShardWindows, micro_batch_size: i
         total += per_token.double().sum().cpu()
         count += int((labels != IGNORE_INDEX).sum())
     if dp > 1:
-        t = torch.tensor([total.item(), float(count)], dtype=torch.float64)
-        dist.all_reduce(t, group=dp_group)
+        t = reduce_scalars([total.item(), float(count)], "sum", dp_group)
         total, count = t[0], int(t[1].item())
     return float(total), count
 
@@ -108,7 +108,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's data.seq_len)")
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size under torchrun (default 1)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: DeepSpeed's accelerator device)")
     p.add_argument("--output", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-tensorboard", action="store_true")
     return p.parse_args(argv)
@@ -122,9 +122,8 @@ def _setup_distributed(tp: int):
         return None
     from megalm.parallel.grid import initialize_process_grid
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    select_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(dist_backend())
     return initialize_process_grid(tp, 1)
 
 
@@ -149,7 +148,7 @@ def write_results(run_dir: str, results: list[dict], tensorboard: bool) -> None:
 def run(args: argparse.Namespace) -> list[dict]:
     grid = _setup_distributed(args.tp)
     rank0 = grid is None or grid.rank == 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else run_device()
     steps: list[Optional[int]] = [args.step]
     if args.all_steps:
         steps = list_checkpoints(args.checkpoint)

@@ -20,6 +20,7 @@ import torch
 
 from data_prep.errors import PrepError
 from data_prep.tokenizer import EOD_TOKEN, LoadedTokenizer, load_tokenizer
+from megalm.parallel.device import run_device
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, locate_checkpoint
 
 from .model_loading import load_model
@@ -98,7 +99,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer.json if the run's has moved (hash-checked)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
     p.add_argument("--json", action="store_true", help="print a JSON record instead of the text")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: DeepSpeed's accelerator device)")
     return p.parse_args(argv)
 
 
@@ -112,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   f"pass --tokenizer PATH or --prompt-ids \"1 2 3\"")
         prompt = (tok.tokenizer.encode(args.prompt).ids if args.prompt is not None
                   else [int(x) for x in args.prompt_ids.split()])
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(args.device) if args.device else run_device()
         model = load_model(ref, device=device)
         bad = [i for i in prompt if not 0 <= i < model.cfg.vocab_size]
         if bad:

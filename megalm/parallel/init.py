@@ -23,11 +23,21 @@ def param_generator(seed: int, key: str) -> torch.Generator:
     return g
 
 
+def fp32_cpu_empty(shape: Sequence[int]) -> torch.Tensor:
+    """An uninitialised fp32 CPU tensor that deepspeed.zero.Init's constructor patches cannot touch.
+
+    Under bf16/fp16 zero.Init casts whatever `torch.randn/empty/zeros(...)` return to the half dtype,
+    even with an explicit `dtype=`; scaling that by std then rounds twice, and ZeRO-3 weights would
+    differ from the other layouts' in the last bit. `Tensor.new_empty` is not patched, and an integer
+    seed tensor is never cast."""
+    return torch.empty(0, dtype=torch.uint8, device="cpu").new_empty(tuple(shape), dtype=torch.float32)
+
+
 def full_normal(shape: Sequence[int], std: float, seed: int, key: str) -> torch.Tensor:
-    """The full fp32 N(0, std^2) tensor for parameter `key` (always on CPU: `device=` is explicit so
-    deepspeed.zero.Init's tensor-constructor patches leave it alone)."""
+    """The full fp32 N(0, std^2) tensor for parameter `key`, on CPU in fp32 under any zero.Init.
+    (`normal_` on an empty tensor is what `torch.randn` does: the same numbers, bit for bit.)"""
     g = param_generator(seed, key)
-    return torch.randn(*shape, generator=g, dtype=torch.float32, device="cpu") * std
+    return fp32_cpu_empty(shape).normal_(generator=g).mul_(std)
 
 
 def shard(full: torch.Tensor, dim: Optional[int], rank: int, world: int) -> torch.Tensor:

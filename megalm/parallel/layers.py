@@ -19,7 +19,7 @@ from torch.distributed import ProcessGroup
 
 from .comm import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size, reduce_from_tp_region,
                    scatter_to_tp_region)
-from .init import full_normal, new_parameter, shard
+from .init import fp32_cpu_empty, full_normal, new_parameter, shard
 
 
 def _split(size: int, world: int, what: str) -> int:
@@ -104,7 +104,7 @@ def vocab_weight_shard(num_embeddings: int, num_embeddings_padded: int, dim: int
                        init_key: str, rank: int, world: int) -> torch.Tensor:
     """This rank's rows of a [padded vocab, dim] table: the real rows drawn from (seed, init_key) at
     their unpadded shape, padding rows zero, so real rows do not depend on the TP size's padding."""
-    full = torch.zeros(num_embeddings_padded, dim, dtype=torch.float32, device="cpu")
+    full = fp32_cpu_empty((num_embeddings_padded, dim)).zero_()
     full[:num_embeddings] = full_normal((num_embeddings, dim), init_std, seed, init_key)
     return shard(full, 0, rank, world)
 

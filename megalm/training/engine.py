@@ -7,22 +7,24 @@ difference between the two engine kinds: who loops over micro-batches.
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from megalm.config.run import RunConfig
 from megalm.model import GPTModel
 from megalm.model.pipeline import pipeline_layer_specs, pipeline_loss_fn
+from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
 
 from .deepspeed_config import build_deepspeed_config
 from .optimizer import build_optimizer
+from .precision import check_parameter_dtypes
 from .schedule import build_scheduler
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,17 +47,26 @@ class Engine:
     cfg: RunConfig
     grid: ProcessGrid
     is_pipeline: bool
+    device: torch.device
     pipeline_loss: PipelineLoss | None = None
+    last_update_skipped: bool = False  # DeepSpeed skipped the last step's update (fp16 overflow)
 
     # ---- one optimiser step over `micro_batches` (gradient accumulation inside) ----
     def train_step(self, micro_batches: list[Batch], poison: bool = False) -> float:
+        skipped_before = self.ds.skipped_steps
+        try:
+            return self._train_step(micro_batches, poison)
+        finally:
+            self.last_update_skipped = self.ds.skipped_steps > skipped_before
+
+    def _train_step(self, micro_batches: list[Batch], poison: bool) -> float:
         if self.is_pipeline:
             self.pipeline_loss.poison = poison
             loss = self.ds.train_batch(iter(micro_batches))  # averaged over micro-batches and DP
             return float(loss)
         model = self.ds.module
-        total = torch.zeros(())
-        for input_ids, labels in micro_batches:
+        total = torch.zeros((), device=self.device)
+        for input_ids, labels in self._on_device(micro_batches):
             loss = model.loss(self.ds(input_ids), labels)
             if poison:
                 loss = loss * float("nan")
@@ -70,18 +81,19 @@ class Engine:
             return float(self.ds.eval_batch(iter(micro_batches)))
         self.ds.eval()
         model = self.ds.module
-        total = torch.zeros(())
-        for input_ids, labels in micro_batches:
+        total = torch.zeros((), device=self.device)
+        for input_ids, labels in self._on_device(micro_batches):
             total += model.loss(self.ds(input_ids), labels).float()
         self.ds.train()
         return self._dp_mean(total / len(micro_batches))
 
+    def _on_device(self, micro_batches: list[Batch]) -> list[Batch]:
+        # DeepSpeedEngine.forward does not move inputs (only the PipelineEngine does): move them once here.
+        return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                for x, y in micro_batches]
+
     def _dp_mean(self, local: torch.Tensor) -> float:
-        t = local.detach().reshape(1).to(torch.float32)
-        if self.grid.dp > 1:
-            dist.all_reduce(t, group=self.grid.dp_group)
-            t /= self.grid.dp
-        return float(t.item())
+        return float(reduce_scalars(local.float(), "sum", self.grid.dp_group)[0]) / self.grid.dp
 
     def grad_norm(self) -> float:
         norm = self.ds.get_global_grad_norm()
@@ -93,8 +105,13 @@ class Engine:
         return float(self.ds.get_lr()[0])
 
 
-def build_engine(cfg: RunConfig, grid: ProcessGrid) -> Engine:
+def build_engine(cfg: RunConfig, grid: ProcessGrid, device: torch.device | None = None) -> Engine:
+    """`device`: the run's (`select_device`); tools that did not select one get the accelerator's current."""
+    device = device or run_device()
     ds_config = build_deepspeed_config(cfg, grid.dp)
+    # DeepSpeed places the model on cuda:LOCAL_RANK unless told otherwise; several ranks sharing one GPU
+    # (gloo, the GPU check) need the device `select_device` chose.
+    ds_args = argparse.Namespace(device_rank=device.index) if device.type != "cpu" else None
 
     def schedule(optimizer: torch.optim.Optimizer):
         # A factory, not an instance: DeepSpeed calls it with the optimizer it actually steps (ZeRO-3
@@ -112,16 +129,17 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid) -> Engine:
                                 # requires grad) breaks DeepSpeed's reentrant checkpoint.
                                 checkpointable_layers=["TransformerBlock"])
         optimizer = build_optimizer(module, cfg.train, cfg.parallel.zero_stage, grid)
-        ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+        ds, _, _, _ = deepspeed.initialize(args=ds_args, model=module, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
-        return Engine(ds, cfg, grid, is_pipeline=True, pipeline_loss=loss)
+        return Engine(ds, cfg, grid, is_pipeline=True, device=device, pipeline_loss=loss)
     if cfg.parallel.zero_stage == 3:
         with deepspeed.zero.Init(data_parallel_group=grid.dp_group, config_dict_or_path=ds_config, mpu=grid.mpu):
             model = GPTModel(cfg.model, grid)
+        check_parameter_dtypes(model, cfg.train.precision)
     else:
         model = GPTModel(cfg.model, grid)
     model.activation_checkpointing = ac
     optimizer = build_optimizer(model, cfg.train, cfg.parallel.zero_stage, grid)
-    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=grid.mpu,
+    ds, _, _, _ = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, mpu=grid.mpu,
                                        lr_scheduler=schedule, config=ds_config)
-    return Engine(ds, cfg, grid, is_pipeline=False)
+    return Engine(ds, cfg, grid, is_pipeline=False, device=device)

@@ -20,6 +20,7 @@ import yaml
 from megalm.config.run import RunConfig
 from megalm.data import build_datasets, micro_batches_for_step
 from megalm.model.flops import flops_per_token
+from megalm.parallel.device import any_rank, dist_backend, select_device
 from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
 
 from . import checkpoint as ckpt
@@ -56,21 +57,12 @@ def checkpoint_meta(cfg: RunConfig, engine: Engine, world_size: int) -> dict:
     }
 
 
-def _agree(flag: bool) -> bool:
-    """True on every rank if it is true on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item() > 0
-
-
 def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack_dump: bool = True) -> int:
     """Run training to `train.train_steps`; returns the process exit code (0 also after a signal stop)."""
     t = cfg.train
     accum = cfg.check_launch(launch.world_size)  # bad layout/batch/paths fail before any process group
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
-        torch.cuda.set_device(launch.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=PROCESS_GROUP_TIMEOUT,
+    device = select_device(launch.local_rank)
+    deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, timeout=PROCESS_GROUP_TIMEOUT,
                                init_method="env://", rank=launch.rank, world_size=launch.world_size)
     rank = dist.get_rank()
     stop = StopRequest()
@@ -89,7 +81,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
     train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=t.train_steps * samples_per_step,
                                            valid_samples=t.eval_iters * samples_per_step if t.eval_interval else 0,
                                            test_samples=0)
-    engine = build_engine(cfg, grid)
+    engine = build_engine(cfg, grid, device)
     meta = checkpoint_meta(cfg, engine, launch.world_size)
     state = ckpt.TrainState()
     if resume is not None:
@@ -125,7 +117,14 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
         state.step += 1
         state.consumed_samples += samples_per_step
         interval_steps += 1
-        if math.isfinite(loss) and math.isfinite(grad_norm):
+        if math.isfinite(loss) and engine.last_update_skipped:
+            # fp16 loss scaling: DeepSpeed found inf/nan gradients, lowered the scale and skipped the
+            # update (and the LR step). Expected while the scale settles; counted, not a divergence.
+            state.skipped_steps += 1
+            if rank == 0:
+                print(f"step {state.step}: gradient overflow at loss scale; update skipped, scale lowered "
+                      f"({state.skipped_steps} skipped in total)", flush=True)
+        elif math.isfinite(loss) and math.isfinite(grad_norm):
             consecutive_bad = 0
         else:
             state.skipped_steps += 1
@@ -156,7 +155,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
                                                                 **batch_args))
                         for i in range(t.eval_iters)) / t.eval_iters
             logger.log(state.step, {"loss": vloss, "ppl": math.exp(min(vloss, 50.0))}, prefix="valid")
-        if _agree(stop.requested):
+        if any_rank(stop.requested):
             save()
             if rank == 0:
                 print(f"stop signal received: checkpoint at step {state.step} written, exiting", flush=True)

@@ -6,9 +6,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from megalm.config.train import TrainConfig
+from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
 from megalm.parallel.layers import VocabParallelEmbedding
 
@@ -55,16 +55,15 @@ class GuardedAdamW(torch.optim.AdamW):
         self._global_grad_norm: Optional[float] = None  # DeepSpeed's engine reads this after step()
 
     def _grad_norm(self) -> float:
-        sq = torch.zeros(1, dtype=torch.float64)
+        sq = torch.zeros(1, dtype=torch.float64, device=run_device())
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or getattr(p, "ds_pipe_replicated", False):
                     continue
                 if getattr(p, "tensor_model_parallel", False) or self.grid.tp_rank == 0:
                     sq += p.grad.detach().double().pow(2).sum()
-        if dist.is_initialized() and self.grid.model_parallel_size > 1:
-            dist.all_reduce(sq, group=self.grid.model_group)
-        return math.sqrt(sq.item()) if math.isfinite(sq.item()) else float("nan")
+        total = float(reduce_scalars(sq, "sum", self.grid.model_group)[0])
+        return math.sqrt(total) if math.isfinite(total) else float("nan")
 
     @torch.no_grad()
     def step(self, closure=None):
