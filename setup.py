@@ -23,7 +23,8 @@ setup(
     version="0.1.0",
     description="3D-parallel (TP x PP x DP/ZeRO) training of Llama-style decoders on DeepSpeed",
     packages=find_packages(include=["megalm", "megalm.*", "data_prep", "data_prep.*", "launcher", "launcher.*"]),
-    package_data={"launcher": ["templates/*.tmpl"]},
+    # The named model shapes (`model: tiny`, ... `70b`) are read at run time, so they ship with the code.
+    package_data={"launcher": ["templates/*.tmpl"], "megalm.config": ["models/*.yaml"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=0, metavar="N", help="document to decode (default 0)")
     p.add_argument("--max-chars", type=int, default=600)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="describe the shards an unfinished tokenize has written so far (by default an output "
+                        "whose manifest says complete: false is refused, as training refuses it)")
 
     p = sub.add_parser("merge", help="concatenate outputs of one dtype into a single shard")
     p.add_argument("--inputs", nargs="+", required=True, metavar="PREFIX")
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
         from data_prep.inspection import inspect_output
 
         inspect_output(args.prefix, tokenizer=args.tokenizer, sample=args.sample, max_chars=args.max_chars,
-                       as_json=args.json)
+                       as_json=args.json, allow_incomplete=args.allow_incomplete)
     elif args.command == "merge":
         from data_prep.merge import merge
 

@@ -10,28 +10,32 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.manifest import load_manifest
-from data_prep.mmidx import ShardFormatError
-from data_prep.shards import output_shards, read_shard_index
+from data_prep.mmidx import Shard, ShardFormatError
+from data_prep.shards import expand_shard_path
 from data_prep.tokenizer import load_tokenizer
 
 
 def inspect_output(prefix: str, tokenizer: Optional[str] = None, sample: int = 0, max_chars: int = 600,
-                   as_json: bool = False, out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> dict[str, Any]:
-    """Print (and return) statistics of an output; decode document `sample` when a tokenizer is known."""
+                   as_json: bool = False, out: Optional[TextIO] = None, err: Optional[TextIO] = None,
+                   allow_incomplete: bool = False) -> dict[str, Any]:
+    """Print (and return) statistics of an output; decode document `sample` when a tokenizer is known.
+
+    An output whose manifest says it is incomplete is refused like everywhere else, unless
+    `allow_incomplete` (`--allow-incomplete`): then the shards finished so far are described."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     try:
-        shards = [read_shard_index(p) for p in output_shards(prefix)]
+        shards = [Shard(p) for p in expand_shard_path(prefix, allow_incomplete=allow_incomplete)]
     except ShardFormatError as exc:
         raise PrepError(str(exc)) from None
     if not shards:
         raise PrepError(f"{prefix}: the manifest lists no shards")
     dtypes = sorted({str(s.dtype) for s in shards})
-    lengths = np.concatenate([s.lengths for s in shards]).astype(np.int64)
+    lengths = np.concatenate([s.sequence_lengths for s in shards]).astype(np.int64)
     manifest = load_manifest(prefix)
     stats: dict[str, Any] = {
-        "prefix": prefix, "shards": [{"prefix": s.prefix, "documents": int(s.header.sequence_count),
-                                      "tokens": s.tokens} for s in shards],
+        "prefix": prefix, "shards": [{"prefix": s.prefix, "documents": len(s),
+                                      "tokens": s.num_tokens} for s in shards],
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "documents": int(lengths.size), "tokens": int(lengths.sum()),
         "length": {"min": int(lengths.min()), "mean": round(float(lengths.mean()), 1),
@@ -56,10 +60,10 @@ def inspect_output(prefix: str, tokenizer: Optional[str] = None, sample: int = 0
             raise PrepError(f"--sample {sample}: there are {lengths.size} documents")
         at = sample
         for shard in shards:
-            if at < shard.header.sequence_count:
-                ids = shard.document(at)
+            if at < len(shard):
+                ids = shard[at]
                 break
-            at -= shard.header.sequence_count
+            at -= len(shard)
         text = tok.tokenizer.decode(ids.tolist(), skip_special_tokens=False)
         stats["sample"] = {"document": sample, "tokens": int(ids.size), "text": text[:max_chars],
                            "truncated": len(text) > max_chars}

@@ -2,7 +2,9 @@
 
 Documents keep their order: inputs in the order given, each input's shards in manifest order. The
 result is written through ShardWriter (temporary names, renamed when complete) in bounded chunks, so
-merging shards larger than memory works.
+merging shards larger than memory works. An input whose manifest says it is incomplete is refused (the
+one expansion rule, data_prep.shards) and there is no override: the merged output is marked complete,
+so merging a half-written input would pass it off as whole.
 """
 from __future__ import annotations
 
@@ -15,23 +17,23 @@ import numpy as np
 
 from data_prep.errors import PrepError
 from data_prep.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_NAMING, load_manifest, write_manifest
-from data_prep.mmidx import CODE_OF_DTYPE, ShardFormatError, ShardWriter, data_path, index_path
+from data_prep.mmidx import CODE_OF_DTYPE, Shard, ShardFormatError, ShardWriter, data_path, index_path
 from data_prep.output_dir import prepare_output_dir
-from data_prep.shards import ShardIndex, output_shards, read_shard_index
+from data_prep.shards import expand_shard_path
 from data_prep.tokenizer import file_sha256
 
 CHUNK_TOKENS = 1 << 24
 
 
-def _copy(shard: ShardIndex, writer: ShardWriter) -> None:
-    if shard.header.sequence_count == 0:
+def _copy(shard: Shard, writer: ShardWriter) -> None:
+    if len(shard) == 0:
         return
-    data = shard.data()
-    ends = np.cumsum(shard.lengths, dtype=np.int64)
-    i, n, done = 0, len(shard.lengths), 0
+    data = shard.tokens()
+    ends = np.cumsum(shard.sequence_lengths, dtype=np.int64)
+    i, n, done = 0, len(shard), 0
     while i < n:
         j = max(int(np.searchsorted(ends, done + CHUNK_TOKENS, side="right")), i + 1)
-        writer.add_encoded(data[done:int(ends[j - 1])], shard.lengths[i:j].tolist())
+        writer.add_encoded(data[done:int(ends[j - 1])], shard.sequence_lengths[i:j].tolist())
         done = int(ends[j - 1])
         i = j
 
@@ -40,11 +42,11 @@ def merge(inputs: list[str], output_prefix: str, out: Optional[TextIO] = None) -
     out = out if out is not None else sys.stdout
     start = time.perf_counter()
     out_abs = os.path.abspath(output_prefix)
-    shards: list[ShardIndex] = []
+    shards: list[Shard] = []
     tokenizer_hashes = set()
     for prefix in inputs:
         try:
-            parts = [read_shard_index(p) for p in output_shards(prefix)]
+            parts = [Shard(p) for p in expand_shard_path(prefix)]
         except ShardFormatError as exc:
             raise PrepError(str(exc)) from None
         if any(os.path.abspath(p.prefix) == out_abs for p in parts):
@@ -59,7 +61,7 @@ def merge(inputs: list[str], output_prefix: str, out: Optional[TextIO] = None) -
         if s.dtype != dtype:
             raise PrepError(f"merge: {s.prefix} holds {s.dtype} tokens but {shards[0].prefix} holds {dtype}; "
                             f"only shards of one dtype (one tokenizer) can be merged")
-        if not np.array_equal(s.document_indices, np.arange(s.header.sequence_count + 1)):
+        if not np.array_equal(s.document_indices, np.arange(len(s) + 1)):
             raise PrepError(f"merge: {s.prefix} groups several sequences per document (sentence-split data); "
                             f"only one-sequence-per-document shards can be merged")
     prepare_output_dir(output_prefix)
@@ -73,7 +75,7 @@ def merge(inputs: list[str], output_prefix: str, out: Optional[TextIO] = None) -
         "prefix": os.path.basename(output_prefix), "shard_naming": SHARD_NAMING,
         "tokenizer": {"sha256": hashes.pop() if len(hashes) == 1 and None not in tokenizer_hashes else None},
         "dtype": str(dtype), "dtype_code": CODE_OF_DTYPE[dtype], "documents": documents, "tokens": tokens,
-        "merged_from": [{"prefix": s.prefix, "documents": int(s.header.sequence_count), "tokens": s.tokens}
+        "merged_from": [{"prefix": s.prefix, "documents": len(s), "tokens": s.num_tokens}
                         for s in shards],
         "elapsed_seconds": round(time.perf_counter() - start, 3),
         "shards": [{"name": os.path.basename(output_prefix), "documents": documents, "tokens": tokens,

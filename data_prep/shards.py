@@ -1,22 +1,29 @@
-"""Reading shards back (for inspect, merge and resume checks) with numpy only, validating as we go.
+"""Which shards a path names: the one expansion rule, used by megalm-prep and by megalm's data config.
 
-megalm.data has the training-time reader; this one is deliberately separate because data_prep must
-not import anything that pulls in torch.
+    PREFIX       with PREFIX.manifest.json (every megalm-prep output has one): the shards it lists,
+                 refused while it says "complete": false, so a half-written output is never trained
+                 on, merged or summarised as if it were whole;
+    PREFIX       without a manifest: the shard PREFIX.bin + PREFIX.idx (e.g. written by other tools);
+    data/*/tok   a glob: every PREFIX whose PREFIX.idx matches data/*/tok.idx and has its .bin, sorted.
+
+The shards themselves are read (and validated) by `data_prep.mmidx.Shard`.
 """
 from __future__ import annotations
 
 import glob as globlib
 import json
 import os
-import re
-from dataclasses import dataclass
-
-import numpy as np
 
 from data_prep.errors import PrepError
-from data_prep.mmidx import HEADER_SIZE, IndexHeader, ShardFormatError, data_path, index_path, read_index_header
+from data_prep.mmidx import data_path, index_path
 
 SHARD_DIGITS = 5
+GLOB_CHARS = "*?["
+
+
+class ShardPathError(PrepError):
+    """A shard path names no usable shard: nothing there, a broken or incomplete manifest, a missing file.
+    The message names the path or the manifest and the fix; callers may prefix where the path came from."""
 
 
 def numbered_prefix(prefix: str, index: int) -> str:
@@ -28,70 +35,50 @@ def manifest_path(prefix: str) -> str:
     return prefix + ".manifest.json"
 
 
-@dataclass
-class ShardIndex:
-    prefix: str
-    header: IndexHeader
-    lengths: np.ndarray  # int32[S]
-    pointers: np.ndarray  # int64[S]
-    document_indices: np.ndarray  # int64[D]
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.header.dtype
-
-    @property
-    def tokens(self) -> int:
-        return int(self.lengths.sum(dtype=np.int64))
-
-    def data(self) -> np.ndarray:
-        """The .bin as a read-only memory map of tokens (empty array for an empty shard)."""
-        if self.tokens == 0:
-            return np.zeros(0, dtype=self.dtype)
-        return np.memmap(data_path(self.prefix), dtype=self.dtype, mode="r")
-
-    def document(self, i: int) -> np.ndarray:
-        start = int(self.pointers[i]) // self.dtype.itemsize
-        return np.asarray(self.data()[start:start + int(self.lengths[i])])
+def _manifest_shards(manifest: str, allow_incomplete: bool) -> list[str]:
+    try:
+        with open(manifest) as f:
+            m = json.load(f)
+        names = [entry["name"] for entry in m["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardPathError(f"{manifest!r} is not a readable megalm-prep manifest ({e}); re-run the "
+                             f"`megalm-prep tokenize` command that wrote it") from None
+    # Checked before the files: an unfinished run legitimately lacks some, and "finish the run" is the fix.
+    if not m.get("complete") and not allow_incomplete:
+        raise ShardPathError(f"{manifest!r} says the prep run is not complete (\"complete\": false), so its shards "
+                             f"are not all written; re-run the same `megalm-prep tokenize` command to finish it "
+                             f"(`megalm-prep inspect --allow-incomplete` shows the shards written so far)")
+    folder = os.path.dirname(manifest)
+    shards = [os.path.join(folder, n) for n in names]
+    missing = [p for s in shards for p in (index_path(s), data_path(s)) if not os.path.isfile(p)]
+    if missing:
+        raise ShardPathError(f"{manifest!r} lists shard files that do not exist: {missing[:3]}; re-run the "
+                             f"`megalm-prep tokenize` command that wrote it to redo them")
+    return shards
 
 
-def read_shard_index(prefix: str) -> ShardIndex:
-    """Parse PREFIX.idx and check it against PREFIX.bin; ShardFormatError names the file and problem."""
-    idx = index_path(prefix)
-    header = read_index_header(idx)
-    with open(idx, "rb") as f:
-        f.seek(HEADER_SIZE)
-        body = f.read()
-    s, d = header.sequence_count, header.document_count
-    lengths = np.frombuffer(body, dtype=np.int32, count=s, offset=0)
-    pointers = np.frombuffer(body, dtype=np.int64, count=s, offset=4 * s)
-    docs = np.frombuffer(body, dtype=np.int64, count=d, offset=12 * s)
-    shard = ShardIndex(prefix, header, lengths, pointers, docs)
-    bin_file = data_path(prefix)
-    if not os.path.isfile(bin_file):
-        raise ShardFormatError(f"{bin_file}: data file does not exist (its index {idx} does)")
-    want = shard.tokens * header.dtype.itemsize
-    have = os.path.getsize(bin_file)
-    if have != want:
-        raise ShardFormatError(f"{bin_file}: {have} bytes but {idx} describes {shard.tokens} tokens "
-                               f"of {header.dtype} = {want} bytes: the shard is truncated or corrupt")
-    return shard
+def expand_shard_path(path: str, *, allow_incomplete: bool = False) -> list[str]:
+    """The shard prefixes `path` names, in order (see the module docstring); ShardPathError otherwise.
 
-
-def output_shards(prefix: str) -> list[str]:
-    """The shard prefixes that make up an output: the manifest's list, else PREFIX itself, else PREFIX_NNNNN."""
-    mpath = manifest_path(prefix)
-    if os.path.isfile(mpath):
-        with open(mpath) as f:
-            manifest = json.load(f)
-        base = os.path.dirname(prefix)
-        return [os.path.join(base, entry["name"]) for entry in manifest.get("shards", [])]
-    if os.path.isfile(index_path(prefix)):
-        return [prefix]
-    pattern = re.compile(re.escape(os.path.basename(prefix)) + r"_\d{%d}\.idx$" % SHARD_DIGITS)
-    found = sorted(p[:-4] for p in globlib.glob(globlib.escape(prefix) + "_*.idx")
-                   if pattern.match(os.path.basename(p)))
-    if not found:
-        raise PrepError(f"no shards found for prefix {prefix!r} (looked for {prefix}.idx, "
-                        f"{prefix}_00000.idx, ... and {mpath})")
-    return found
+    `allow_incomplete=True` is for looking at an unfinished output (`megalm-prep inspect
+    --allow-incomplete`): it lists the shards finished so far instead of refusing."""
+    path = os.fspath(path)
+    manifest = manifest_path(path)
+    # The manifest wins over PREFIX.idx: a one-shard output's PREFIX.idx appears before its manifest
+    # says complete, and only the manifest knows whether the output is whole.
+    if os.path.isfile(manifest):
+        return _manifest_shards(manifest, allow_incomplete)
+    idx, bin_ = index_path(path), data_path(path)
+    if os.path.isfile(idx):
+        if not os.path.isfile(bin_):
+            raise ShardPathError(f"{bin_!r}: data file does not exist (its index {idx!r} does); rebuild the shard")
+        return [path]
+    if any(c in path for c in GLOB_CHARS):
+        shards = sorted(p[: -len(".idx")] for p in globlib.glob(path + ".idx"))
+        shards = [s for s in shards if os.path.isfile(data_path(s))]
+        if not shards:
+            raise ShardPathError(f"the pattern {path!r} matches no shard (no PREFIX.idx with its PREFIX.bin)")
+        return shards
+    raise ShardPathError(f"no shard {path!r}: no shards found for prefix (neither {idx!r} + {bin_!r} nor "
+                         f"{manifest!r} exists); give the prefix without .bin/.idx, build shards with "
+                         f"`megalm-prep tokenize`")

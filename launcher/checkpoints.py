@@ -1,6 +1,7 @@
 """Checkpoint upkeep without torch: list, verify and prune RUN_DIR/checkpoints.
 
-The trainer's protocol (megalm/training/checkpoint.py): a save is written under `step_NNNNNNNN.tmp/`,
+The names and rules of the run directory (which entries are complete, `latest`, the prune rule) are
+megalm/rundir.py's, the same module the trainer uses: a save is written under `step_NNNNNNNN.tmp/`,
 `megalm.json` is added last, the directory is renamed to `step_NNNNNNNN/`, then the `latest` pointer
 file is replaced atomically. So a complete checkpoint is a `step_*` directory without `.tmp` that holds
 `megalm.json`; a `.tmp` directory is a save in progress (or a dead one, removed by the next trainer
@@ -20,24 +21,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
-CKPT_DIRNAME = "checkpoints"
-LATEST = "latest"
-META = "megalm.json"
-TMP_SUFFIX = ".tmp"
-_ENTRY = re.compile(r"^step_(\d+)(\.tmp)?$")
+from megalm import rundir, runlock
+from megalm.rundir import LATEST_FILE, META_FILE, checkpoint_root, tag_for
 
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, CKPT_DIRNAME)
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
+__all__ = ["CheckpointEntry", "checkpoint_root", "latest_complete_step", "list_checkpoints", "plan_prune", "prune",
+           "read_latest", "tag_for", "verify", "verify_entry"]
 
 
 @dataclass
@@ -53,11 +45,16 @@ class CheckpointEntry:
     meta: Optional[dict] = None
     meta_error: Optional[str] = None
     is_latest: bool = False
+    writer_alive: Optional[bool] = None  # in-progress entries: does a live run hold RUN_DIR's lock?
 
     @property
     def status(self) -> str:
         if self.in_progress:
-            return "writing"  # or abandoned; the next trainer start removes it
+            # A .tmp is a save in progress only while a live run holds the lock; else a dead save that
+            # the next trainer start removes (and that nothing may trust meanwhile).
+            if self.writer_alive is False:
+                return f"abandoned (no live run holds {rundir.lock_file(os.path.dirname(os.path.dirname(self.path)))})"
+            return "writing"
         if not self.complete:
             return "incomplete"
         return "complete" if self.meta_error is None else "bad-metadata"
@@ -82,13 +79,8 @@ def _dir_size(path: str) -> int:
 
 
 def read_latest(run_dir: str) -> Optional[str]:
-    """The tag `latest` names (not checked), or None."""
-    path = os.path.join(checkpoint_root(run_dir), LATEST)
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except FileNotFoundError:
-        return None
+    """The tag `latest` names (not checked: listing and verify report a bad pointer), or None."""
+    return rundir.read_latest_pointer(checkpoint_root(run_dir))
 
 
 def list_checkpoints(run_dir: str) -> list[CheckpointEntry]:
@@ -97,17 +89,19 @@ def list_checkpoints(run_dir: str) -> list[CheckpointEntry]:
     if not os.path.isdir(root):
         return []
     latest = read_latest(run_dir)
+    writer_alive = runlock.holder_alive(run_dir)[0]
     entries = []
     for name in os.listdir(root):
-        m = _ENTRY.match(name)
+        parsed = rundir.parse_entry(name)
         path = os.path.join(root, name)
-        if not m or not os.path.isdir(path):
+        if parsed is None or not os.path.isdir(path):
             continue
-        in_progress = m.group(2) is not None
-        meta_path = os.path.join(path, META)
-        complete = not in_progress and os.path.isfile(meta_path)
-        entry = CheckpointEntry(tag=name, step=int(m.group(1)), path=path, complete=complete,
-                                in_progress=in_progress, size_bytes=_dir_size(path), is_latest=(name == latest))
+        step, in_progress = parsed
+        meta_path = rundir.meta_file(path)
+        complete = not in_progress and rundir.is_complete(root, name)
+        entry = CheckpointEntry(tag=name, step=step, path=path, complete=complete,
+                                in_progress=in_progress, size_bytes=_dir_size(path), is_latest=(name == latest),
+                                writer_alive=writer_alive if in_progress else None)
         if complete:
             try:
                 with open(meta_path) as f:
@@ -115,18 +109,14 @@ def list_checkpoints(run_dir: str) -> list[CheckpointEntry]:
                 entry.saved_at = entry.meta.get("saved_at")
                 entry.layout = dict(entry.meta.get("layout") or {})
             except (OSError, ValueError) as e:
-                entry.meta_error = f"{META} unreadable: {e}"
+                entry.meta_error = f"{META_FILE} unreadable: {e}"
         entries.append(entry)
     return sorted(entries, key=lambda e: (e.step, e.in_progress))
 
 
 def latest_complete_step(run_dir: str) -> Optional[int]:
     """Step named by `latest` when that is a complete checkpoint, else None."""
-    tag = read_latest(run_dir)
-    if tag and os.path.isfile(os.path.join(checkpoint_root(run_dir), tag, META)):
-        m = _ENTRY.match(tag)
-        return int(m.group(1)) if m else None
-    return None
+    return rundir.latest_complete_step(checkpoint_root(run_dir))
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -135,7 +125,7 @@ def expected_rank_files(layout: dict) -> list[str]:
     """File names (relative to the checkpoint directory) that must exist for a layout."""
     tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
     zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
-    exact = [f"rng/rank{r:05d}.pt" for r in range(world)]
+    exact = [rundir.rng_relpath(r) for r in range(world)]
     if pp == 1 and zero >= 3:
         exact += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
     else:  # a pipeline's engine state: one file per (stage, TP rank)
@@ -162,21 +152,21 @@ def _zip_problem(path: str, quick: bool) -> Optional[str]:
 def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
     """Problems with one checkpoint (empty list = good)."""
     if entry.in_progress:
-        return ["save in progress (.tmp): not a checkpoint yet"]
+        return [f"save in progress ({rundir.TMP_SUFFIX}): not a checkpoint yet"]
     if not entry.complete:
-        return [f"no {META}: the save never completed"]
+        return [f"no {META_FILE}: the save never completed"]
     if entry.meta_error:
         return [entry.meta_error]
     meta = entry.meta or {}
     problems = []
     if meta.get("step") != entry.step:
-        problems.append(f"{META} says step {meta.get('step')!r}, directory says {entry.step}")
+        problems.append(f"{META_FILE} says step {meta.get('step')!r}, directory says {entry.step}")
     if not isinstance(meta.get("consumed_samples"), int):
-        problems.append(f"{META}: consumed_samples missing or not an integer")
+        problems.append(f"{META_FILE}: consumed_samples missing or not an integer")
     layout = meta.get("layout")
     keys = ("tp", "pp", "dp", "world_size")
     if not isinstance(layout, dict) or any(not isinstance(layout.get(k), int) or layout[k] < 1 for k in keys):
-        return problems + [f"{META}: layout {layout!r} lacks positive integers tp, pp, dp, world_size"]
+        return problems + [f"{META_FILE}: layout {layout!r} lacks positive integers tp, pp, dp, world_size"]
     if layout["tp"] * layout["pp"] * layout["dp"] != layout["world_size"]:
         problems.append(f"layout tp x pp x dp = {layout['tp']} x {layout['pp']} x {layout['dp']} "
                         f"!= world_size {layout['world_size']}")
@@ -230,47 +220,30 @@ def verify(run_dir: str, tags: Optional[list[str]] = None, quick: bool = False) 
     if latest is not None:
         entry = entries.get(latest)
         if entry is None or not entry.complete:
-            result.setdefault(LATEST, []).append(f"`latest` names {latest!r}, which is not a complete checkpoint")
+            result.setdefault(LATEST_FILE, []).append(f"`{LATEST_FILE}` names {latest!r}, which is not a complete checkpoint")
     elif entries and any(e.complete for e in entries.values()):
-        result.setdefault(LATEST, []).append("complete checkpoints exist but there is no `latest` pointer")
+        result.setdefault(LATEST_FILE, []).append(f"complete checkpoints exist but there is no `{LATEST_FILE}` pointer")
     return result
 
 
 # ------------------------------------------------------------------------------------------------ prune
 
 def plan_prune(run_dir: str, keep_last: int, keep_every: Optional[int] = None) -> tuple[list[CheckpointEntry], list[CheckpointEntry]]:
-    """(keep, delete) among complete checkpoints. Kept: the newest `keep_last`, every step that is a
-    multiple of `keep_every`, and whatever `latest` names. `.tmp` saves and incomplete directories are
-    neither listed nor ever deleted."""
-    if keep_last < 1:
-        raise ValueError(f"--keep-last must be >= 1, got {keep_last}")
-    if keep_every is not None and keep_every < 1:
-        raise ValueError(f"--keep-every must be >= 1, got {keep_every}")
+    """(keep, delete) among complete checkpoints, by the one prune rule (`megalm.rundir.plan_prune`):
+    kept are the newest `keep_last`, every step that is a multiple of `keep_every`, and whatever
+    `latest` names. `.tmp` saves and incomplete directories are neither listed nor ever deleted."""
+    try:
+        kept, _ = rundir.plan_prune(checkpoint_root(run_dir), keep_last, keep_every)
+    except ValueError as e:  # name the command-line flags
+        raise ValueError(str(e).replace("keep_last", "--keep-last").replace("keep_every", "--keep-every")) from None
     complete = [e for e in list_checkpoints(run_dir) if e.complete]
-    latest = read_latest(run_dir)
-    newest = {e.tag for e in complete[-keep_last:]}
-    keep, delete = [], []
-    for e in complete:
-        if e.tag in newest or e.tag == latest or (keep_every and e.step % keep_every == 0):
-            keep.append(e)
-        else:
-            delete.append(e)
-    return keep, delete
+    return [e for e in complete if e.step in kept], [e for e in complete if e.step not in kept]
 
 
 def prune(run_dir: str, keep_last: int, keep_every: Optional[int] = None, dry_run: bool = False) -> list[CheckpointEntry]:
-    _, delete = plan_prune(run_dir, keep_last, keep_every)
-    removed = []
-    for e in delete:
-        if read_latest(run_dir) == e.tag:  # `latest` moved onto it meanwhile (a running job): keep it
-            continue
-        if not dry_run:
-            # Rename out of the `step_*` namespace first, so a reader never sees a half-deleted checkpoint.
-            doomed = e.path + ".deleting"
-            try:
-                os.rename(e.path, doomed)
-            except FileNotFoundError:
-                continue  # pruned by the trainer meanwhile
-            shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(e)
-    return removed
+    """Delete what `plan_prune` dooms (renamed out of the `step_*` namespace first, `latest` re-read
+    before each deletion: safe next to a running trainer). Returns the entries deleted."""
+    plan_prune(run_dir, keep_last, keep_every)  # refuses bad flags, naming them
+    by_step = {e.step: e for e in list_checkpoints(run_dir) if e.complete}
+    removed = rundir.prune(checkpoint_root(run_dir), keep_last, keep_every, dry_run=dry_run)
+    return [by_step[step] for step in removed if step in by_step]

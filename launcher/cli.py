@@ -17,6 +17,8 @@ import os
 import sys
 import time
 
+from megalm import rundir
+
 from . import checkpoints, hostfile, sbatch, slurm, status
 from .supervisor import Supervisor, SupervisorOptions
 
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     r = sub.add_parser("run", help="restart supervisor: run COMMAND (after --), restart it on failure or hang")
-    r.add_argument("--run-dir", required=True, help="the trainer's train.run_dir (heartbeat.json, checkpoints)")
+    r.add_argument("--run-dir", required=True, help=f"the trainer's train.run_dir ({rundir.HEARTBEAT_FILE}, {rundir.CHECKPOINTS_DIR}/)")
     r.add_argument("--max-restarts", type=int, default=3)
     r.add_argument("--backoff", type=float, default=5.0, help="first restart delay in seconds, doubled each restart")
     r.add_argument("--backoff-max", type=float, default=300.0)
@@ -190,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.cmd == "run":
             return _cmd_run(args, tail)
+        if args.cmd in ("status", "ckpt") and not os.path.isdir(args.run_dir):
+            # A mistyped --run-dir would otherwise read as a run with no checkpoints and no steps.
+            what = "exists but is not a directory" if os.path.exists(args.run_dir) else "does not exist"
+            print(f"megalm-launch {args.cmd}: run directory {args.run_dir} {what}: check --run-dir (the run's "
+                  f"train.run_dir)", file=sys.stderr)
+            return 2
         if args.cmd == "status":
             st = status.collect(args.run_dir, args.job)
             print(json.dumps(st) if args.json else status.format_status(st))

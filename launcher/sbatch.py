@@ -17,6 +17,8 @@ from typing import Optional
 
 import yaml
 
+from megalm import rundir
+
 from . import slurm
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "job.sbatch.tmpl")
@@ -130,7 +132,8 @@ def _launch(spec: JobSpec, run_dir: str) -> tuple[str, str]:
     else:
         # deepspeed's slurm runner runs `srun -n WORLD python -u SCRIPT ...`: SCRIPT must be a file.
         script = spec.entry or os.path.join(bin_dir, "megalm-train")
-        setup = (f"HOSTFILE=\"$JOB_DIR/hostfile-$SLURM_JOB_ID\"\n"
+        hostfile_path = os.path.join("$JOB_DIR", rundir.slurm_hostfile_name("$SLURM_JOB_ID"))
+        setup = (f"HOSTFILE=\"{hostfile_path}\"\n"
                  f"{q(spec.python)} -m launcher hostfile --slots {spec.gpus_per_node} --output \"$HOSTFILE\"")
         raw = ["deepspeed", "--hostfile", '"$HOSTFILE"', "--launcher", "slurm", "--force_multi", "--no_ssh_check",
                "--master_addr", '"$MASTER_ADDR"', "--master_port", '"$MASTER_PORT"']
@@ -166,6 +169,9 @@ def render(spec: JobSpec, template_path: str = TEMPLATE) -> str:
         "config": os.path.abspath(os.path.join(spec.workdir, spec.config)),
         "run_dir": run_dir,
         "run_dir_q": q(run_dir),
+        "slurm_dir_q": q(rundir.slurm_dir(run_dir)),
+        "job_output": rundir.slurm_output_pattern(run_dir),
+        "attempts_file_q": q(rundir.slurm_attempts_file(run_dir)),
         "nodes": str(spec.nodes),
         "tasks_per_node": str(spec.gpus_per_node),
         "world_size": str(spec.nodes * spec.gpus_per_node),
@@ -194,20 +200,19 @@ def submit(spec: JobSpec) -> tuple[str, str]:
     Returns (job id, script path)."""
     text = render(spec)
     run_dir = run_dir_of(spec.config, spec.overrides, spec.workdir)
-    job_dir = os.path.join(run_dir, "slurm")
-    os.makedirs(job_dir, exist_ok=True)
-    script = os.path.join(job_dir, "job.sbatch")
+    os.makedirs(rundir.slurm_dir(run_dir), exist_ok=True)
+    script = rundir.slurm_script_file(run_dir)
     with open(script, "w") as f:
         f.write(text)
     job_id = slurm.sbatch(script)
-    with open(os.path.join(job_dir, "jobs.txt"), "a") as f:
+    with open(rundir.slurm_jobs_file(run_dir), "a") as f:
         f.write(f"{job_id}\t{int(time.time())}\t{script}\n")
     return job_id, script
 
 
 def recorded_jobs(run_dir: str) -> list[str]:
     """Job ids submitted for this run dir, oldest first."""
-    path = os.path.join(run_dir, "slurm", "jobs.txt")
+    path = rundir.slurm_jobs_file(run_dir)
     if not os.path.isfile(path):
         return []
     with open(path) as f:

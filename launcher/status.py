@@ -10,6 +10,8 @@ import os
 import time
 from typing import Optional
 
+from megalm import rundir
+
 from . import slurm
 from .checkpoints import latest_complete_step, read_latest
 from .sbatch import recorded_jobs
@@ -18,7 +20,7 @@ from .supervisor import read_heartbeat, read_restarts
 
 def last_train_record(run_dir: str) -> Optional[dict]:
     """The last `{"kind": "train", ...}` line of metrics.jsonl (read from the end: the file can be big)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = rundir.metrics_file(run_dir)
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -86,7 +88,7 @@ def format_status(st: dict) -> str:
         lines.append(f"slurm job:          {st['job_id']}  state {state}  restarts {fmt(s.get('restarts'))}"
                      f"  nodes {fmt(s.get('nodes'))}  run time {fmt(s.get('run_time'))}")
     else:
-        lines.append("slurm job:          - (none recorded in RUN_DIR/slurm/jobs.txt)")
+        lines.append(f"slurm job:          - (none recorded in RUN_DIR/{rundir.SLURM_DIR}/{rundir.SLURM_JOBS_FILE})")
     lines.append(f"supervisor restarts: {st['supervisor_restarts']}"
                  + (f" (last: {st['last_restart_reason']})" if st["last_restart_reason"] else ""))
     lines.append(f"latest checkpoint:  {fmt(st['latest_checkpoint'])} (step {fmt(st['latest_checkpoint_step'])})")

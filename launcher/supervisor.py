@@ -30,11 +30,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from .checkpoints import latest_complete_step
+from megalm import rundir
 
-RESTARTS_FILE = "restarts.jsonl"
-HEARTBEAT_FILE = "heartbeat.json"
-STACKS_DIR = "stacks"  # RUN_DIR/stacks/rank<N>.txt, written on SIGUSR2 by megalm/training/signals.py
+from .checkpoints import latest_complete_step
 
 
 @dataclass
@@ -115,14 +113,8 @@ def log(msg: str) -> None:
 def print_stacks(run_dir: str, since: float) -> int:
     """Print the per-rank stack dumps written since `since` (epoch s), one block per rank in rank order,
     so a hung rank's stack reads top to bottom instead of interleaved with the others'. Returns the count."""
-    folder = os.path.join(run_dir, STACKS_DIR)
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith("rank") and n.endswith(".txt"))
-    except OSError:
-        return 0
     shown = 0
-    for name in names:
-        path = os.path.join(folder, name)
+    for rank, path in rundir.stack_files(run_dir):  # written on SIGUSR2 by megalm/training/signals.py
         try:
             if os.path.getmtime(path) < since - 1.0:
                 continue  # an earlier attempt's rank that is no longer part of the job
@@ -131,14 +123,14 @@ def print_stacks(run_dir: str, since: float) -> int:
         except OSError:
             continue
         if text:
-            log(f"stacks of {name[:-4]} ({path}):\n{text}")
+            log(f"stacks of {rundir.rank_label(rank)} ({path}):\n{text}")
             shown += 1
     return shown
 
 
 def read_heartbeat(run_dir: str) -> Optional[dict]:
     try:
-        with open(os.path.join(run_dir, HEARTBEAT_FILE)) as f:
+        with open(rundir.heartbeat_file(run_dir)) as f:
             data = json.load(f)
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
@@ -278,7 +270,7 @@ class Supervisor:
                 self._signal_group(signal.SIGUSR2)
                 time.sleep(min(3.0, o.kill_grace))
                 if not print_stacks(o.run_dir, dumped_at):
-                    log(f"no stack dumps in {os.path.join(o.run_dir, STACKS_DIR)} (a trainer other than megalm's "
+                    log(f"no stack dumps in {rundir.stacks_dir(o.run_dir)} (a trainer other than megalm's "
                         "prints them to its own stderr, if at all)")
                 self._kill_group(o.kill_grace)
                 code = self.proc.returncode
@@ -299,7 +291,7 @@ class Supervisor:
     def _record(self, event: dict) -> None:
         os.makedirs(self.opts.run_dir, exist_ok=True)
         event = dict(time=time.time(), **event)
-        with open(os.path.join(self.opts.run_dir, RESTARTS_FILE), "a") as f:
+        with open(rundir.restarts_file(self.opts.run_dir), "a") as f:
             f.write(json.dumps(event) + "\n")
 
     def run(self) -> int:
@@ -357,7 +349,7 @@ class Supervisor:
 
 
 def read_restarts(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, RESTARTS_FILE)
+    path = rundir.restarts_file(run_dir)
     if not os.path.isfile(path):
         return []
     out = []

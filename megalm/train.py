@@ -2,16 +2,19 @@
 
 Works unchanged under `deepspeed` (--num_gpus / --hostfile), `torchrun`, `srun` and `mpirun`: the
 launcher's variables are mapped onto RANK/WORLD_SIZE/... before torch.distributed starts. Config errors
-(bad layout, batch sizes, missing shards) are reported before any process group is created.
+(bad layout, batch sizes, missing shards) are reported before any process group is created; those and
+the other user errors (megalm/user_errors.py: corrupt shards and checkpoints, a full disk) as one line from
+rank 0 and exit status 2 on every rank.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 
-from megalm.config import ConfigError
 from megalm.config.run import load_run_config
+from megalm.user_errors import EXIT_CODE, TORCH_FREE_USER_ERRORS, message, user_errors
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'auto' continues from RUN_DIR/checkpoints/latest when present; or a tag like step_00000100")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.add_argument("overrides", nargs="*", help="section.field=value overrides, e.g. train.lr=1e-3 parallel.tp=2")
-    return p.parse_args(argv)
+    # Intermixed: overrides may come after options too (`--resume auto train.lr=1e-4`).
+    return p.parse_intermixed_args(argv)
 
 
 def quiet_known_warnings() -> None:
@@ -36,24 +40,50 @@ def quiet_known_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_known_warnings()
-    try:
-        cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"megalm-train: config error: {e}", file=sys.stderr)
-        return 2
-    from megalm.training import launch_env
+    from megalm.training import launch_env  # torch-free: only maps the launcher's variables
 
-    launch = launch_env.discover()
-    launch_env.export(launch)
+    rank = 0
     try:
-        cfg.check_launch(launch.world_size)
-    except ConfigError as e:
-        print(f"megalm-train: config error: {e}", file=sys.stderr)
-        return 2
+        launch = launch_env.discover()
+        rank = launch.rank  # before the config, so that only rank 0 reports even a YAML error
+        cfg = load_run_config(args.config, args.overrides)
+        launch_env.export(launch)
+        cfg.check_launch(launch.world_size)  # layout, batch sizes, shard headers: no process group yet
+    except TORCH_FREE_USER_ERRORS as e:
+        return _report(e, rank)
     from megalm.training.loop import train  # imports torch/deepspeed: only after the cheap checks
 
-    return train(cfg, launch, resume=args.resume)
+    try:
+        return train(cfg, launch, resume=args.resume)
+    except user_errors() as e:
+        # Raised after the process group started (a corrupt checkpoint, a full disk): in the common case
+        # every rank raises the same error, since they read the same files, so each tears its group down
+        # here and exits without waiting in a collective for peers that are gone.
+        _destroy_process_group()
+        return _report(e, rank)
 
+
+# torchrun and `srun --kill-on-bad-exit` kill every rank as soon as one exits non-zero: the other ranks
+# (which raised the same error) wait this long, so rank 0 has printed the one report before it is killed.
+REPORT_GRACE_S = 5.0
+
+
+def _report(e: BaseException, rank: int) -> int:
+    if rank == 0:
+        print(message(e), file=sys.stderr, flush=True)
+    else:
+        time.sleep(REPORT_GRACE_S)
+    return EXIT_CODE
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    from megalm.parallel.grid import destroy_process_grid
+
+    if dist.is_available() and dist.is_initialized():
+        destroy_process_grid()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())

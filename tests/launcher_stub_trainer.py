@@ -3,7 +3,8 @@ launcher (supervisor, SLURM submission, requeue, checkpoint upkeep) is testable 
 
     python tests/launcher_stub_trainer.py --config RUN.yaml [--resume auto|TAG] [section.field=value ...]
 
-Contract kept (see megalm/training/{loop,checkpoint,metrics,faults,signals}.py):
+Contract kept (see megalm/training/{loop,checkpoint,metrics,faults,signals}.py; every name and rule of
+the run directory comes from megalm/rundir.py, the module the real trainer and the launcher use):
   * rank/world from RANK/WORLD_SIZE (torchrun, deepspeed) or SLURM_PROCID/SLURM_STEP_NUM_TASKS (srun);
   * RUN_DIR = train.run_dir: config.yaml, metrics.jsonl ({"kind": "train", "step", "loss", "lr",
     "grad_norm", "tokens_per_s", "consumed_samples"}), heartbeat.json rewritten atomically by rank 0 at the
@@ -11,7 +12,7 @@ Contract kept (see megalm/training/{loop,checkpoint,metrics,faults,signals}.py):
   * checkpoints/step_NNNNNNNN.tmp/ -> every rank writes its files (zip archives, like torch's) -> rank 0
     writes megalm.json, renames to step_NNNNNNNN/, replaces `latest` atomically, prunes to train.keep_last;
     stale .tmp directories are removed at start; `--resume auto` continues from `latest`;
-  * SIGTERM/SIGUSR1 -> all ranks agree, checkpoint, exit 0; SIGUSR2 -> stacks to stderr;
+  * SIGTERM/SIGUSR1 -> all ranks agree, checkpoint, exit 0; SIGUSR2 -> stacks to RUN_DIR/stacks/rankNNNNN.txt;
   * MEGALM_FAULT crash@STEP[:RANK] (os._exit(17)), hang@STEP[:RANK] (stops stepping), nan@STEP (ignored).
 The "loss" comes from a pseudo-random state carried in the checkpoint, so a resume that loads the wrong
 state (or none) shows up as different losses. Ranks agree through files under RUN_DIR/.stub_sync/.
@@ -26,13 +27,16 @@ import faulthandler
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
 import zipfile
 
 import yaml
+
+# Run as a script (sys.path[0] is tests/): make the repository's megalm importable without PYTHONPATH.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megalm import rundir  # noqa: E402  (torch-free, like this stub)
 
 MASK = (1 << 64) - 1
 
@@ -96,15 +100,6 @@ def read_zip(path: str) -> dict:
         return json.loads(zf.read("archive/data.json"))
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Sync:
     """File barrier + OR-reduction among the ranks of one attempt."""
 
@@ -119,7 +114,7 @@ class Sync:
     def agree(self, name: str, flag: bool, timeout: float = 120.0) -> bool:
         if self.world == 1:
             return flag
-        atomic_write(os.path.join(self.dir, f"{name}.{self.rank}"), "1" if flag else "0")
+        rundir.write_atomic(os.path.join(self.dir, f"{name}.{self.rank}"), "1" if flag else "0", fsync=False)
         deadline = time.monotonic() + timeout
         paths = [os.path.join(self.dir, f"{name}.{r}") for r in range(self.world)]
         while not all(os.path.exists(p) for p in paths):
@@ -155,17 +150,18 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGUSR1, on_signal)
-    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+    # Like megalm/training/signals.py: one stack file per rank, truncated at each start.
+    stack_path = rundir.stack_file(run_dir, rank)
+    os.makedirs(os.path.dirname(stack_path), exist_ok=True)
+    stack_out = open(stack_path, "w")  # kept open: faulthandler writes to its file descriptor
+    faulthandler.register(signal.SIGUSR2, file=stack_out, all_threads=True)
 
-    root = os.path.join(run_dir, "checkpoints")
+    root = rundir.checkpoint_root(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     sync = Sync(run_dir, rank, world_size, stopping=lambda: stop["sig"] is not None)
     if rank == 0:
-        if os.path.isdir(root):
-            for name in os.listdir(root):
-                if name.endswith(".tmp"):
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        rundir.remove_stale_tmp(root)
+        with open(rundir.config_file(run_dir), "w") as f:
             yaml.safe_dump(cfg, f)
     sync.agree("start", False)
 
@@ -173,13 +169,11 @@ def main(argv=None) -> int:
     if args.resume is not None:
         tag = None
         if args.resume == "auto":
-            latest = os.path.join(root, "latest")
-            if os.path.isfile(latest):
-                tag = open(latest).read().strip()
+            tag = rundir.read_latest(root)
         else:
             tag = args.resume
         if tag is not None:
-            meta = json.load(open(os.path.join(root, tag, "megalm.json")))
+            meta = rundir.read_meta(root, tag)
             state = read_zip(os.path.join(root, tag, "mp_rank_00_model_states.pt"))
             step, x, consumed = meta["step"], state["x"], meta["consumed_samples"]
             if rank == 0:
@@ -187,35 +181,30 @@ def main(argv=None) -> int:
 
     def heartbeat(s):
         if rank == 0:
-            atomic_write(os.path.join(run_dir, "heartbeat.json"),
-                         json.dumps({"step": s, "time": time.time(), "loss": None, "pid": os.getpid()}))
+            rundir.write_atomic(rundir.heartbeat_file(run_dir),
+                                json.dumps({"step": s, "time": time.time(), "loss": None, "pid": os.getpid()}),
+                                fsync=False)
 
     def save(s):
-        tmp = os.path.join(root, f"step_{s:08d}.tmp")
-        final = os.path.join(root, f"step_{s:08d}")
+        tmp = os.path.join(root, rundir.tmp_tag_for(s))
         if rank == 0:
             os.makedirs(tmp, exist_ok=True)
         sync.agree(f"save{s}_dir", False)
         if rank == 0:
             write_zip(os.path.join(tmp, "mp_rank_00_model_states.pt"), {"x": x, "step": s})
         write_zip(os.path.join(tmp, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"), {"rank": rank, "step": s})
-        write_zip(os.path.join(tmp, "rng", f"rank{rank:05d}.pt"), {"rank": rank})
+        write_zip(rundir.rng_file(tmp, rank), {"rank": rank})
         if save_time:
             time.sleep(save_time)
         sync.agree(f"save{s}_files", False)
         if rank == 0:
             meta = {"step": s, "consumed_samples": consumed, "saved_at": time.time(), "format_version": 1,
                     "layout": {"tp": 1, "pp": 1, "dp": world_size, "zero_stage": 1, "world_size": world_size}}
-            with open(os.path.join(tmp, "megalm.json"), "w") as f:
+            with open(rundir.meta_file(tmp), "w") as f:
                 json.dump(meta, f)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write(os.path.join(root, "latest"), f"step_{s:08d}")
-            done = sorted(n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp"))
-            for n in done[:-keep_last]:
-                if n != f"step_{s:08d}":
-                    shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+            rundir.fsync_tree(tmp)
+            rundir.publish_checkpoint(root, s)
+            rundir.prune(root, keep_last, protect=(rundir.tag_for(s),))
         sync.agree(f"save{s}_done", False)
 
     saved_at = None
@@ -239,7 +228,7 @@ def main(argv=None) -> int:
             rec = {"kind": "train", "step": step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0,
                    "tokens_per_s": 8 * 32 / dt, "consumed_samples": consumed}
             print(f"[train] step {step} | loss {loss:.6f}", flush=True)
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            with open(rundir.metrics_file(run_dir), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if sync.agree(f"step{step}", stop["sig"] is not None):
             save(step)

@@ -55,13 +55,13 @@ def test_list_shows_step_status_layout_and_latest(run_dir):
     assert sorted(got) == ["step_00000003", "step_00000005", "step_00000010", "step_00000015", "step_00000020",
                            "step_00000025.tmp"]
     assert got["step_00000020"]["latest"] and not got["step_00000015"]["latest"]
-    assert got["step_00000025.tmp"]["status"] == "writing"
+    assert got["step_00000025.tmp"]["status"] == f"abandoned (no live run holds {run_dir}/.lock)"
     assert got["step_00000003"]["status"] == "incomplete"
     assert got["step_00000010"]["status"] == "complete"
     assert got["step_00000010"]["layout"] == {"tp": 1, "pp": 1, "dp": 1, "zero_stage": 1, "world_size": 1}
     assert got["step_00000010"]["size_bytes"] > 0 and got["step_00000010"]["saved_at"] > 0
     text = ckpt("list", "--run-dir", run_dir).output
-    assert "step_00000020 (latest)" in text and "tp=1 pp=1 dp=1 zero=1 world=1" in text and "writing" in text
+    assert "step_00000020 (latest)" in text and "tp=1 pp=1 dp=1 zero=1 world=1" in text and "abandoned" in text
 
 
 def test_verify_passes_on_good_checkpoints(run_dir):
@@ -160,6 +160,33 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     _kill_during_save(cfg, rd, 10, "--resume", "auto")
     assert open(os.path.join(rd, "checkpoints", "latest")).read().strip() == "step_00000007"
     assert "step_00000007: OK" in ckpt("verify", "--run-dir", rd).output
-    assert entries(rd)["step_00000010.tmp"]["status"] == "writing"
+    assert entries(rd)["step_00000010.tmp"]["status"].startswith("abandoned (no live run holds")
     out = run_command([sys.executable, STUB, "--config", cfg, "--resume", "auto"], timeout=60, env=ENV, check=True)
     assert "resumed from step 7" in out.output
+
+
+HOLD = ("import sys, time; from megalm import runlock; runlock.acquire(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(600)")
+
+
+def test_tmp_is_writing_only_while_a_live_run_holds_the_lock(run_dir):
+    """A .tmp with a live lock holder (a real process holding RUN_DIR/.lock) is a save in progress; once
+    that holder is dead (SIGKILL: its lock stays behind) the same .tmp is abandoned."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, run_dir], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, **ENV})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert entries(run_dir)["step_00000025.tmp"]["status"] == "writing"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.path.exists(os.path.join(run_dir, ".lock"))
+    assert entries(run_dir)["step_00000025.tmp"]["status"] == f"abandoned (no live run holds {run_dir}/.lock)"
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["ckpt", "list"], ["ckpt", "verify"]])
+def test_mistyped_run_dir_is_an_error(tmp_path, cmd):
+    missing = str(tmp_path / "no-such-run")
+    res = run_command([sys.executable, "-m", "launcher", *cmd, "--run-dir", missing], timeout=60, env=ENV)
+    assert res.returncode == 2, res.output
+    assert f"run directory {missing} does not exist: check --run-dir" in res.output

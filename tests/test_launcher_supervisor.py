@@ -95,6 +95,8 @@ def test_hang_is_detected_dumped_and_restarted(tmp_path, reference):
     assert len(ev) == 1 and ev[0]["reason"].startswith("hang: no heartbeat progress for") and ev[0]["step"] == 7, ev
     assert "(most recent call first)" in res.output, "no stack dump in the log"
     assert re.search(r'File ".*launcher_stub_trainer.py", line \d+ in main', res.output), "the hung rank's stack"
+    # dumped to the per-rank file (like the real trainer), which the supervisor printed as its own block
+    assert re.search(r"stacks of rank00000 \(.*rank00000\.txt\):\n", res.output), res.output[-4000:]
     assert final_losses(run_dir) == reference
     assert time.monotonic() - t0 < 30
 

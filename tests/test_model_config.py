@@ -31,7 +31,7 @@ def test_shipped_shapes(name):
 
 def test_tiny_supports_test_layouts(repo_root):
     cfg = load_model_config("tiny")
-    assert load_model_config(f"{repo_root}/configs/model/tiny.yaml") == cfg
+    assert load_model_config(f"{repo_root}/megalm/config/models/tiny.yaml") == cfg
     assert cfg.num_heads != cfg.kv_heads  # GQA is exercised
     for tp in (1, 2, 4):
         for pp in (1, 2, 4):

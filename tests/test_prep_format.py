@@ -7,8 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from data_prep.mmidx import ShardFormatError, ShardWriter, token_dtype
-from data_prep.shards import read_shard_index
+from data_prep.mmidx import Shard, ShardFormatError, ShardWriter, token_dtype
 from tests.prep_fixtures import parse_idx, read_docs
 
 
@@ -32,9 +31,9 @@ def test_roundtrip_both_dtypes(tmp_path, vocab_size, code, np_dtype):
         w.add_encoded(flat.astype(dtype), [len(d) for d in docs[10:]])
     assert parse_idx(prefix + ".idx")["code"] == code
     assert read_docs([prefix]) == [d.tolist() for d in docs]
-    shard = read_shard_index(prefix)
-    assert shard.dtype == dtype and shard.tokens == sum(len(d) for d in docs)
-    assert [shard.document(i).tolist() for i in range(len(docs))] == [d.tolist() for d in docs]
+    shard = Shard(prefix)
+    assert shard.dtype == dtype and shard.num_tokens == sum(len(d) for d in docs)
+    assert [shard[i].tolist() for i in range(len(docs))] == [d.tolist() for d in docs]
 
 
 def test_idx_bytes_follow_the_spec_exactly(tmp_path):
@@ -73,11 +72,11 @@ def test_reader_rejects_truncated_shards(tmp_path):
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(150)
     with pytest.raises(ShardFormatError, match=r"s\.bin: 150 bytes .* 100 tokens"):
-        read_shard_index(prefix)
+        Shard(prefix)
     with open(prefix + ".idx", "r+b") as f:
         f.truncate(40)
     with pytest.raises(ShardFormatError, match="truncated or corrupt"):
-        read_shard_index(prefix)
+        Shard(prefix)
 
 
 def test_data_prep_never_imports_torch():

@@ -43,11 +43,13 @@ def test_nonfinite_step_is_skipped_and_counted(shard, tmp_path):
     res = _train(shard, faulty, env={"MEGALM_FAULT": "nan@3"}).check()
     assert "update skipped (1 in a row, 1 in total)" in res.output
     rec, ref = _records(faulty), _records(clean)
-    assert math.isnan(rec[4]["loss"]) and rec[4]["skipped_steps"] == 1 and rec[8]["skipped_steps"] == 1
-    # The poisoned step changed nothing: step 5 trains on the weights step 3 left, so it differs from
-    # the clean run (which took step 4's update) yet stays finite, and every later step is finite.
-    assert all(math.isfinite(rec[s]["loss"]) for s in (1, 2, 3, 5, 6, 7, 8))
-    assert [rec[s]["loss"] for s in (1, 2, 3)] == [ref[s]["loss"] for s in (1, 2, 3)]
+    # nan@3 poisons the step logged as 3 (not 4: the drill and its docstring count steps as the log does).
+    assert math.isnan(rec[3]["loss"]) and rec[3]["skipped_steps"] == 1 and rec[8]["skipped_steps"] == 1
+    assert rec[2]["skipped_steps"] == 0
+    # The poisoned step changed nothing: step 4 trains on the weights step 2 left, so it differs from
+    # the clean run (which took step 3's update) yet stays finite, and every later step is finite.
+    assert all(math.isfinite(rec[s]["loss"]) for s in (1, 2, 4, 5, 6, 7, 8))
+    assert [rec[s]["loss"] for s in (1, 2)] == [ref[s]["loss"] for s in (1, 2)] and rec[4]["loss"] != ref[4]["loss"]
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run(shard, tmp_path):
@@ -85,3 +87,11 @@ def test_resume_with_other_layout_or_model_is_refused(shard, tmp_path):
     assert "was saved with a different model or layout" in res.output and "tp: checkpoint 1 vs this run 2" in res.output
     res = _train(shard, run_dir, "model.hidden_size=128", "--resume", "auto")
     assert res.returncode != 0 and "model.hidden_size: checkpoint 64 vs this run 128" in res.output
+
+
+def test_overrides_may_follow_resume(shard, tmp_path):
+    """`--resume auto section.field=value`: overrides anywhere on the command line (argparse intermixed)."""
+    run_dir = str(tmp_path / "r")
+    _train(shard, run_dir, "train.train_steps=4").check()
+    res = _train(shard, run_dir, "--resume", "auto", "train.train_steps=6").check()
+    assert "resumed from step 4" in res.output and sorted(_records(run_dir))[-1] == 6

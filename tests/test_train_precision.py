@@ -67,3 +67,14 @@ def test_fp16_with_loss_scaling_follows_fp32_curve(rank_pool, shard, fp32_curve,
     assert skipped[LAYOUT_STEPS] <= 3, f"too many overflow skips: {skipped}"
     assert abs(curve[-1] - fp32_curve[-1]) <= 2 * RTOL["fp16"] * fp32_curve[-1], (curve, fp32_curve)
     assert curve[-1] < curve[0] * 0.8, f"fp16 loss does not fall: {curve}"
+
+
+def test_bf16_at_zero0_is_refused_naming_the_fix(shard):
+    """DeepSpeed 0.19.8 raises NotImplementedError at start-up for bf16 + fp32 gradient accumulation at
+    ZeRO-0; the config says so first, with the field and the fix."""
+    from megalm.config import ConfigError
+    from megalm.config.run import load_run_config
+    from tests.train_fixtures import TINY_RUN
+
+    with pytest.raises(ConfigError, match=r"train.precision: bf16 needs parallel.zero_stage >= 1"):
+        load_run_config(TINY_RUN, [f"data.train_paths=[{shard}]", "train.precision=bf16", "parallel.zero_stage=0"])

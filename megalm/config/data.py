@@ -1,53 +1,24 @@
 """Data section of a run config: which token shards to train/validate on and how to cut samples."""
 from __future__ import annotations
 
-import glob
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .loader import ConfigError, require
+from data_prep.shards import ShardPathError
+from data_prep.shards import expand_shard_path as prep_expand_shard_path
 
-GLOB_CHARS = "*?["
+from .loader import ConfigError, require
 
 
 def expand_shard_path(path: str, where: str = "data.train_paths") -> list[str]:
-    """The shard prefixes one entry of a shard list names, in order:
-
-      PREFIX          PREFIX.bin and PREFIX.idx exist: that one shard;
-      PREFIX          PREFIX.manifest.json from `megalm-prep tokenize` (an output written as several shards,
-                      PREFIX_00000, PREFIX_00001, ...): every shard it lists;
-      data/*/tok      a glob: every PREFIX whose PREFIX.idx matches `data/*/tok.idx`, sorted.
-
-    Missing files and an unfinished prep run fail here, naming the entry (`where`) and the fix."""
-    if os.path.isfile(path + ".idx") and os.path.isfile(path + ".bin"):
-        return [path]
-    manifest = path + ".manifest.json"
-    if os.path.isfile(manifest):
-        try:
-            with open(manifest) as f:
-                m = json.load(f)
-            names = [entry["name"] for entry in m["shards"]]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{where}: {manifest!r} is not a readable megalm-prep manifest ({e})") from None
-        if not m.get("complete"):
-            raise ConfigError(f"{where}: {manifest!r} says the prep run is not complete; re-run the same "
-                              f"`megalm-prep tokenize` command to finish it")
-        folder = os.path.dirname(manifest)
-        shards = [os.path.join(folder, n) for n in names]
-        missing = [s + ext for s in shards for ext in (".idx", ".bin") if not os.path.isfile(s + ext)]
-        if missing:
-            raise ConfigError(f"{where}: {manifest!r} lists shard files that do not exist: {missing[:3]}")
-        return shards
-    if any(c in path for c in GLOB_CHARS):
-        shards = sorted(p[: -len(".idx")] for p in glob.glob(path + ".idx"))
-        shards = [s for s in shards if os.path.isfile(s + ".bin")]
-        if not shards:
-            raise ConfigError(f"{where}: the pattern {path!r} matches no shard (no PREFIX.idx with its PREFIX.bin)")
-        return shards
-    raise ConfigError(f"{where}: no shard {path!r}: neither {path + '.idx'!r} + {path + '.bin'!r} nor {manifest!r} "
-                      f"exists (give the prefix without .bin/.idx; build shards with `megalm-prep tokenize`)")
+    """The shard prefixes one entry of a shard list names, in order, by data_prep's one rule
+    (`data_prep.shards.expand_shard_path`: a prep output through its manifest, refused while incomplete;
+    a plain PREFIX.bin/.idx; a glob through .idx files). Errors name the entry (`where`) and the fix."""
+    try:
+        return prep_expand_shard_path(path)
+    except ShardPathError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def parse_split(split: str, where: str = "data") -> tuple[float, float, float]:
@@ -105,3 +76,31 @@ class DataConfig:
             expand_shard_paths(getattr(self, name), f"{where}.{name}")
         if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ConfigError(f"{where}.tokenizer: file {self.tokenizer!r} does not exist")
+
+    def check_vocabulary(self, vocab_size: int, where: str = "data") -> None:
+        """Refuse data with token ids the model cannot embed, before any process group starts: the
+        tokenizer's vocabulary (data.tokenizer, else each output's manifest) and each shard's largest
+        id must fit model.vocab_size. At tp>1 such ids would otherwise train silently as zero vectors."""
+        from data_prep.manifest import load_manifest
+        from data_prep.mmidx import Shard
+
+        fix = "use the tokenizer the shards were made with and a model.vocab_size that covers it"
+        if self.tokenizer is not None:
+            from data_prep.tokenizer import load_tokenizer
+
+            tok_vocab = load_tokenizer(self.tokenizer).vocab_size
+            if tok_vocab > vocab_size:
+                raise ConfigError(f"{where}.tokenizer: {self.tokenizer} has {tok_vocab} tokens but model.vocab_size "
+                                  f"is {vocab_size}: {fix}")
+        for name in ("train_paths", "valid_paths", "test_paths"):
+            for i, entry in enumerate(getattr(self, name)):
+                manifest = load_manifest(entry) or {}
+                tok_vocab = (manifest.get("tokenizer") or {}).get("vocab_size")
+                if isinstance(tok_vocab, int) and tok_vocab > vocab_size:
+                    raise ConfigError(f"{where}.{name}[{i}]: {entry} was tokenised with a {tok_vocab}-token "
+                                      f"vocabulary (its manifest) but model.vocab_size is {vocab_size}: {fix}")
+                for shard in expand_shard_path(entry, f"{where}.{name}[{i}]"):
+                    top = Shard(shard).max_token_id()
+                    if top >= vocab_size:
+                        raise ConfigError(f"{where}.{name}[{i}]: shard {shard} holds token id {top}, outside "
+                                          f"model.vocab_size={vocab_size}: {fix}")

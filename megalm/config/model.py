@@ -13,8 +13,9 @@ from typing import Optional
 
 from .loader import ConfigError, from_dict, load_yaml, require
 
-# configs/model/ in the repository: `load_model_config("tiny")` resolves names there.
-MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# The named shapes ship inside the package (setup.py package_data), so `load_model_config("tiny")` works
+# from an installed copy too, not only from a source checkout.
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "models"
 
 # Embedding/output rows are padded to a multiple of (tp * VOCAB_PAD_MULTIPLE): every TP shard of the
 # vocabulary then has the same size, and a multiple of 128 keeps the GEMMs tensor-core friendly.
@@ -119,7 +120,7 @@ class ModelConfig:
 
 
 def load_model_config(name_or_path: str | os.PathLike, where: str = "model") -> ModelConfig:
-    """`tiny`, `7b`, ... (a file in configs/model/) or a path to a YAML file of ModelConfig fields."""
+    """`tiny`, `7b`, ... (a file in megalm/config/models/) or a path to a YAML file of ModelConfig fields."""
     text = os.fspath(name_or_path)
     path = Path(text)
     if not (path.suffix in (".yaml", ".yml") or os.sep in text or path.is_file()):

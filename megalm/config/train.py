@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from .loader import ConfigError, require
 
@@ -42,8 +42,10 @@ class TrainConfig:
     tensorboard: bool = True
     # Peak dense TFLOP/s of one device, for MFU; None = measure nothing against a peak (MFU not shown).
     peak_tflops: Optional[float] = None
-    # A DeepSpeed JSON whose fields override the generated DeepSpeed config (deep merge).
-    deepspeed_config: Optional[str] = None
+    # DeepSpeed fields merged last into the generated DeepSpeed config: a JSON file's path or an inline
+    # mapping. Keys the run config owns (batch sizes, ZeRO stage, precision, clipping, optimiser, LR
+    # schedule) are refused unless they agree: megalm.config.deepspeed_overrides.
+    deepspeed_config: Optional[Union[str, dict[str, Any]]] = None
 
     def validate(self, where: str = "train") -> None:
         where = where or "train"

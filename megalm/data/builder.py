@@ -4,8 +4,8 @@ Two modes:
   * separate shard lists (`valid_paths` / `test_paths` set): train uses all documents of the train
     shards; valid/test use all documents of their own shards (blended by token count: a proportional
     sample of their union);
-  * document split (neither set): each train shard is cut by `split` ("969,30,1") into contiguous
-    document ranges (Megatron's rounding, so the same shard splits the same way there).
+  * document split (neither set): each train shard is cut by `split` (train,valid,test weights) into
+    contiguous document ranges (Megatron's rounding, so the same shard splits the same way there).
 Several train shards are blended by `train_weights` (default equal); every split uses the same weights
 restricted to the shards that have documents in it. An entry that names several shards (a multi-shard
 prep output or a glob, see `expand_shard_path`) shares its weight among them in proportion to their
@@ -19,6 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from data_prep.mmidx import default_cache_dir as shard_cache_dir
 from megalm.config import DataConfig, expand_shard_path, expand_shard_paths, parse_split
 
 from .blended_dataset import BlendedDataset
@@ -44,7 +45,7 @@ def split_document_ranges(num_documents: int, split: str) -> list[tuple[int, int
 
 
 def default_cache_dir(cfg: DataConfig, prefix: str) -> str:
-    return cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
+    return cfg.cache_dir or shard_cache_dir(prefix)
 
 
 def _mix(cfg: DataConfig, parts: list[tuple[IndexedDataset, Optional[np.ndarray]]], weights: list[float],

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -25,17 +24,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megalm import rundir
 from megalm.config import ConfigError, expand_shard_paths
 from megalm.data.builder import split_document_ranges
 from megalm.data.indexed_dataset import IndexedDataset, ShardFormatError
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
-from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalm.parallel.cross_entropy import IGNORE_INDEX, perplexity, vocab_parallel_cross_entropy
 from megalm.parallel.device import dist_backend, reduce_scalars, run_device, select_device
 
 from .model_loading import load_model
-from .windows import IGNORE_INDEX, ShardWindows, batches, eval_windows
-
-EVAL_DIRNAME = "eval"
+from .windows import ShardWindows, batches, eval_windows
 
 
 @torch.no_grad()
@@ -64,7 +62,7 @@ def shard_loss_sum(model: torch.nn.Module, sw: ShardWindows, micro_batch_size: i
 
 def _summary(loss_sum: float, tokens: int) -> dict:
     loss = loss_sum / max(tokens, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}
+    return {"loss": loss, "ppl": perplexity(loss), "tokens": tokens}
 
 
 def evaluate_model(model: torch.nn.Module, windows: list[ShardWindows], micro_batch_size: int,
@@ -82,12 +80,12 @@ def evaluate_model(model: torch.nn.Module, windows: list[ShardWindows], micro_ba
 def _default_data(ref: CheckpointRef) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """The run's own validation data: its data.valid_paths, or else the validation documents that
     data.split carves out of each train shard (exactly the documents training never saw)."""
-    data = (ref.meta.get("config") or {}).get("data") or {}
-    if data.get("valid_paths"):
-        return expand_shard_paths(data["valid_paths"], "data.valid_paths"), {}
+    data = ref.run_config().data
+    if data.valid_paths:
+        return expand_shard_paths(data.valid_paths, "data.valid_paths"), {}
     ranges = {}
-    for prefix in expand_shard_paths(data.get("train_paths") or [], "data.train_paths"):
-        start, end = split_document_ranges(len(IndexedDataset(prefix)), data.get("split", "969,30,1"))[1]
+    for prefix in expand_shard_paths(data.train_paths, "data.train_paths"):
+        start, end = split_document_ranges(len(IndexedDataset(prefix)), data.split)[1]
         if end > start:
             ranges[prefix] = (start, end)
     if not ranges:
@@ -128,15 +126,14 @@ def _setup_distributed(tp: int):
 
 
 def write_results(run_dir: str, results: list[dict], tensorboard: bool) -> None:
-    out_dir = os.path.join(run_dir, EVAL_DIRNAME)
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(rundir.eval_dir(run_dir), exist_ok=True)
     for r in results:
-        with open(os.path.join(out_dir, f"step_{r['step']:08d}.json"), "w") as f:
+        with open(rundir.eval_result_file(run_dir, r["step"]), "w") as f:
             json.dump(r, f, indent=2)
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=os.path.join(out_dir, "tensorboard"))
+        writer = SummaryWriter(log_dir=rundir.eval_tensorboard_dir(run_dir))
         for r in results:  # one point per checkpoint step
             writer.add_scalar("eval/loss", r["loss"], r["step"])
             writer.add_scalar("eval/ppl", r["ppl"], r["step"])
@@ -157,7 +154,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for step in steps:
         ref = locate_checkpoint(args.checkpoint, step)
-        seq_len = args.seq_len or int(ref.meta["config"]["data"]["seq_len"])
+        seq_len = args.seq_len or ref.run_config().data.seq_len
         prefixes, doc_ranges = (expand_shard_paths(args.data, "--data"), {}) if args.data else _default_data(ref)
         windows = eval_windows(prefixes, seq_len, args.max_tokens, doc_ranges)
         t0 = time.perf_counter()

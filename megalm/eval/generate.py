@@ -28,7 +28,7 @@ from .model_loading import load_model
 
 def run_tokenizer(ref: CheckpointRef, override: Optional[str] = None) -> Optional[LoadedTokenizer]:
     """The tokenizer the run trained with, checked against megalm.json's tokenizer_sha256."""
-    path = override or ((ref.meta.get("config") or {}).get("data") or {}).get("tokenizer")
+    path = override or ref.run_config().data.tokenizer
     if not path:
         return None
     try:
@@ -38,7 +38,7 @@ def run_tokenizer(ref: CheckpointRef, override: Optional[str] = None) -> Optiona
     want = ref.meta.get("tokenizer_sha256")
     if want and tok.sha256 != want:
         raise CheckpointError(f"tokenizer {path}: sha256 {tok.sha256[:12]}... differs from the {want[:12]}... recorded "
-                              f"in {ref.file('megalm.json')}; this is not the tokenizer the model was trained with. "
+                              f"in {ref.meta_path}; this is not the tokenizer the model was trained with. "
                               f"Pass the original file with --tokenizer PATH")
     return tok
 

@@ -3,7 +3,7 @@
 A shard's documents are read in order as one token stream t_0 .. t_{N-1} (documents end in EOD, as in
 training, so windows may span documents exactly like training samples do). Window w predicts tokens
 w*S+1 .. w*S+S from inputs w*S .. w*S+S-1; every token but the first is predicted exactly once. The last
-window is padded (labels -100) when the stream does not fill it. `max_tokens` caps the number of
+window is padded (labels IGNORE_INDEX) when the stream does not fill it. `max_tokens` caps the number of
 predicted tokens over all shards (taken from the first shards first), so "the first 1M tokens" means
 the same tokens for every checkpoint and layout.
 """
@@ -17,15 +17,14 @@ import numpy as np
 import torch
 
 from megalm.data.indexed_dataset import IndexedDataset
-
-IGNORE_INDEX = -100
+from megalm.parallel.cross_entropy import IGNORE_INDEX
 
 
 @dataclass
 class ShardWindows:
     prefix: str
     inputs: torch.Tensor  # [windows, S] int64
-    labels: torch.Tensor  # [windows, S] int64, -100 where nothing is predicted
+    labels: torch.Tensor  # [windows, S] int64, IGNORE_INDEX where nothing is predicted
 
     @property
     def name(self) -> str:

@@ -16,8 +16,9 @@ from typing import Any, Optional
 
 import torch
 
-from megalm.training.checkpoint import (CKPT_DIRNAME, META, CheckpointError, checkpoint_root, complete_steps,
-                                        read_latest, read_meta, tag_for)
+from megalm.config.run import RunConfig
+from megalm.rundir import (CHECKPOINTS_DIR, META_FILE, TAG_EXAMPLE, CheckpointError, checkpoint_root,
+                           complete_steps, latest_file, meta_file, read_latest, read_meta, tag_for)
 
 __all__ = ["CheckpointError", "CheckpointRef", "list_checkpoints", "load_pt", "locate_checkpoint"]
 
@@ -45,13 +46,23 @@ class CheckpointRef:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    @property
+    def meta_path(self) -> str:
+        """This step's megalm.json (the file to name in errors about its metadata)."""
+        return meta_file(self.path)
+
+    def run_config(self) -> RunConfig:
+        """The typed run config this step was trained with; a ConfigError naming its megalm.json when
+        that cannot be parsed. Tools read fields from here, never from the raw metadata dict."""
+        return RunConfig.from_checkpoint_meta(self.meta, self.meta_path)
+
 
 def _root_of(path: str) -> tuple[str, Optional[str]]:
     """(checkpoints root, tag or None) for RUN_DIR, RUN_DIR/checkpoints or a step directory."""
     path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, META)):  # a step directory
+    if os.path.isfile(meta_file(path)):  # a step directory
         return os.path.dirname(path), os.path.basename(path)
-    if os.path.basename(path) == CKPT_DIRNAME or os.path.isfile(os.path.join(path, "latest")):
+    if os.path.basename(path) == CHECKPOINTS_DIR or os.path.isfile(latest_file(path)):
         return path, None
     return checkpoint_root(path), None
 
@@ -65,7 +76,7 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointRef:
     """The checkpoint of `step` (default: the one `latest` names, else the newest complete one)."""
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such run directory or checkpoint (give RUN_DIR, "
-                              f"RUN_DIR/{CKPT_DIRNAME} or RUN_DIR/{CKPT_DIRNAME}/step_NNNNNNNN)")
+                              f"RUN_DIR/{CHECKPOINTS_DIR} or RUN_DIR/{CHECKPOINTS_DIR}/{TAG_EXAMPLE})")
     root, tag = _root_of(path)
     steps = complete_steps(root)
     if tag is not None and step is not None and tag != tag_for(step):
@@ -80,8 +91,8 @@ def locate_checkpoint(path: str, step: Optional[int] = None) -> CheckpointRef:
         else:
             tag = read_latest(root) or (tag_for(steps[-1]) if steps else None)
             if tag is None:
-                raise CheckpointError(f"{root}: no complete checkpoint found (a step_NNNNNNNN directory with "
-                                      f"{META}); has the run saved one yet? (train.save_interval / save_at_end)")
+                raise CheckpointError(f"{root}: no complete checkpoint found (a {TAG_EXAMPLE} directory with "
+                                      f"{META_FILE}); has the run saved one yet? (train.save_interval / save_at_end)")
     return CheckpointRef(root=root, tag=tag, meta=read_meta(root, tag))
 
 
@@ -100,7 +111,7 @@ def load_pt(path: str, deepspeed_types: bool = False) -> Any:
     files contain (and nothing else)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file is missing (the checkpoint is incomplete or was "
-                              f"written with another layout than its {META} says)")
+                              f"written with another layout than its {META_FILE} says)")
     try:
         if deepspeed_types:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):

@@ -13,8 +13,10 @@ DeepSpeed's on-disk layouts, by training layout (file names inside RUN_DIR/check
                      m = pp_rank * tp + tp_rank (the grid's order, DESIGN decision 1)
 
 Pipeline names ("3.attention.qkv.weight", "tied_modules.embed.weight") become GPTModel names through
-`megalm.model.pipeline.gpt_param_name`; TP shards are joined by `full_weights.merge_tp`. The result is
-checked against the model shape recorded in megalm.json, naming the file of any tensor that does not fit.
+`megalm.model.pipeline.pipeline_to_gpt_name`; a ZeRO-0 optimizer's index-keyed state is split into
+parameter groups by training's own rule (`megalm.training.param_groups.group_names`); TP shards are
+joined by `full_weights.merge_tp`. The result is checked against the model shape recorded in
+megalm.json, naming the file of any tensor that does not fit.
 """
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ import torch
 
 from megalm.config import ConfigError, from_dict
 from megalm.config.model import ModelConfig
-from megalm.model.pipeline import gpt_param_name
+from megalm.config.train import TrainConfig
+from megalm.model.pipeline import gpt_param_name, pipeline_to_gpt_name
+from megalm.rundir import META_FILE
+from megalm.training.param_groups import group_names
 
 from .checkpoint_files import CheckpointError, CheckpointRef, load_pt
 from .full_weights import check_full_weights, merge_tp
@@ -50,27 +55,10 @@ def model_config_of(meta: dict, where: str) -> ModelConfig:
     try:
         return from_dict(ModelConfig, meta["model"], "model")
     except (ConfigError, KeyError) as e:
-        raise CheckpointError(f"{where}: its megalm.json has no valid model section ({e})") from None
+        raise CheckpointError(f"{where}: its {META_FILE} has no valid model section ({e})") from None
 
 
-def pipeline_to_gpt_name(name: str, cfg: ModelConfig) -> str:
-    """PipelineModule parameter name -> GPTModel name."""
-    if name.startswith("tied_modules."):
-        _, key, local = name.split(".", 2)
-        return gpt_param_name(key, local, cfg)
-    idx, local = name.split(".", 1)
-    return gpt_param_name(int(idx), local, cfg)
-
-
-def _zero0_group_names(names: list[str], shapes: dict[str, tuple], train_cfg: dict) -> list[list[str]]:
-    """The optimizer's parameter groups by name, by the rule of `megalm.training.optimizer.parameter_groups`
-    (decay group first; no decay for norm gains / names containing "embedding", as configured)."""
-    decay, no_decay = [], []
-    for name in names:
-        skip = ((train_cfg.get("no_decay_norms", True) and len(shapes[name]) < 2)
-                or (train_cfg.get("no_decay_embeddings", True) and "embedding" in name))
-        (no_decay if skip else decay).append(name)
-    return [decay, no_decay] if no_decay else [decay]
+__all__ = ["FullState", "consolidate", "model_config_of", "pipeline_to_gpt_name"]
 
 
 class _Reader:
@@ -81,10 +69,12 @@ class _Reader:
         try:
             self.tp, self.pp, self.dp, self.zero = (int(layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{ref.file('megalm.json')}: 'layout' must give tp, pp, dp and zero_stage; "
+            raise CheckpointError(f"{ref.meta_path}: 'layout' must give tp, pp, dp and zero_stage; "
                                   f"got {layout!r}") from None
-        self.cfg = model_config_of(ref.meta, ref.file("megalm.json"))
-        self.train_cfg = (ref.meta.get("config") or {}).get("train") or {}
+        self.cfg = model_config_of(ref.meta, ref.meta_path)
+        # The optimizer's grouping depends on the run's train section; parsed up front so a bad config
+        # fails before any shard is read (weights alone do not need it).
+        self.train_cfg: Optional[TrainConfig] = ref.run_config().train if with_optimizer else None
         # per TP rank: GPTModel name -> {"weight": t, "exp_avg": t, "exp_avg_sq": t}
         self.local: list[Merged] = [{} for _ in range(self.tp)]
         self.origin: dict[str, str] = {}
@@ -133,13 +123,12 @@ class _Reader:
             self.put_merged(t, merged, step, path, same)
         module = ms.get("module")
         if not isinstance(module, dict):
-            raise CheckpointError(f"{path}: no 'module' state dict; megalm.json says pp=1 ZeRO-{self.zero}, "
+            raise CheckpointError(f"{path}: no 'module' state dict; {META_FILE} says pp=1 ZeRO-{self.zero}, "
                                   f"which does not match the files")
         for name, v in module.items():
             self.put(t, name, "weight", v, path)
         if self.with_optimizer and self.zero == 0:
-            shapes = {n: tuple(v.shape) for n, v in module.items()}
-            groups = _zero0_group_names(list(module), shapes, self.train_cfg)
+            groups = group_names(module, self.train_cfg)  # the state dict is in parameter order
             merged, step = unflatten_torch_optimizer(ms["optimizer"], groups, path)
             self.put_merged(t, merged, step, path, same)
 

@@ -18,6 +18,7 @@ import torch
 
 from megalm.config.model import ModelConfig
 from megalm.model.params import tp_partition_dim
+from megalm.rundir import META_FILE
 
 from .checkpoint_files import CheckpointError
 
@@ -68,7 +69,7 @@ def check_full_weights(weights: Mapping[str, torch.Tensor], cfg: ModelConfig, wh
             f"num_layers={cfg.num_layers}, num_heads={cfg.num_heads}, num_kv_heads={cfg.kv_heads}, "
             f"ffn={cfg.ffn_size}, vocab_size={cfg.vocab_size}, tie_embeddings={cfg.tie_embeddings}):\n  {shown}\n"
             f"The checkpoint was saved by another model than the one it is loaded into; use the run's own "
-            f"model config (its megalm.json) or a checkpoint of this model.")
+            f"model config (its {META_FILE}) or a checkpoint of this model.")
 
 
 def merge_tp(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """`megalm-export`: a checkpoint (any layout) -> a Hugging Face `LlamaForCausalLM` directory.
 
     megalm-export --checkpoint RUN_DIR [--step N] --output DIR [--dtype float32|bfloat16|float16]
-                  [--max-shard-size 5GB] [--tokenizer PATH]
+                  [--max-shard-size 5GB] [--tokenizer PATH] [--overwrite]
 
 Writes config.json, model.safetensors (or model-0000k-of-0000n.safetensors + model.safetensors.index.json
 when larger than --max-shard-size), generation_config.json and, when the run has one, the tokenizer
@@ -130,25 +130,59 @@ def write_tokenizer(tokenizer_path: str, out_dir: str, max_len: int) -> tuple[Op
     return eod, eod
 
 
+class ExportError(ValueError):
+    """The output directory cannot be written as asked (it exists, or is not a directory)."""
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+    """Rename the finished `tmp` to `output`. An existing output (--overwrite) is first renamed aside and
+    deleted last, so at every instant `output` is the old export, the new one, or (between two renames)
+    absent with the old one intact under `OUT.old-<pid>`: never a mix of the two."""
+    if not os.path.lexists(output):
+        os.rename(tmp, output)
+        return
+    aside = f"{output}.old-{os.getpid()}"
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(output, aside)
+    os.rename(tmp, output)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def export_hf(run_dir: str, output: str, step: Optional[int] = None, dtype: str = "float32",
-              max_shard_size: str = "5GB", tokenizer: Optional[str] = None) -> list[str]:
-    """Export one checkpoint; returns the files written."""
+              max_shard_size: str = "5GB", tokenizer: Optional[str] = None, overwrite: bool = False) -> list[str]:
+    """Export one checkpoint; returns the files written. Everything is written into `OUT.tmp-<pid>` and
+    renamed to `output` only when complete (a failed tokenizer check used to leave a directory holding
+    just model.safetensors, which loads as a model without a tokenizer); on failure it is removed."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
+    output = output.rstrip(os.sep) or os.sep
+    if os.path.lexists(output):
+        if not os.path.isdir(output) or os.path.islink(output):
+            raise ExportError(f"--output {output} exists and is not a directory: remove it or choose another path")
+        if not overwrite:
+            raise ExportError(f"--output {output} already exists: pass --overwrite to replace it, or choose "
+                              f"another directory")
     ref = locate_checkpoint(run_dir, step)
     state = consolidate(ref)
-    os.makedirs(output, exist_ok=True)
-    files = save_safetensors(hf_state_dict(state.weights, state.cfg, DTYPES[dtype]), output, max_bytes)
-    tok_path = tokenizer or ((ref.meta.get("config") or {}).get("data") or {}).get("tokenizer")
-    bos = eos = None
-    if tok_path:
-        bos, eos = write_tokenizer(tok_path, output, state.cfg.max_seq_len)
-        files += ["tokenizer.json", "tokenizer_config.json"]
-    with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(hf_config(state.cfg, dtype, bos, eos), f, indent=2)
-    with open(os.path.join(output, "generation_config.json"), "w") as f:
-        json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # our own pid's leftover: a dead export, never a live one
+    os.makedirs(tmp)
+    try:
+        files = save_safetensors(hf_state_dict(state.weights, state.cfg, DTYPES[dtype]), tmp, max_bytes)
+        tok_path = tokenizer or ref.run_config().data.tokenizer
+        bos = eos = None
+        if tok_path:
+            bos, eos = write_tokenizer(tok_path, tmp, state.cfg.max_seq_len)
+            files += ["tokenizer.json", "tokenizer_config.json"]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(state.cfg, dtype, bos, eos), f, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ["config.json", "generation_config.json"] + files
 
 
@@ -161,9 +195,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's data.tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output directory")
     args = p.parse_args(argv)
     try:
-        files = export_hf(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size, args.tokenizer)
+        files = export_hf(args.checkpoint, args.output, args.step, args.dtype, args.max_shard_size, args.tokenizer,
+                          args.overwrite)
     except (CheckpointError, ValueError) as e:
         print(f"megalm-export: {e}", file=sys.stderr)
         return 2

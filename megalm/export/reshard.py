@@ -16,7 +16,6 @@ moments (and warns: the first steps after resuming then differ from the original
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import warnings
@@ -26,6 +25,7 @@ import torch
 import yaml
 
 from megalm.config import ConfigError
+from megalm import rundir
 from megalm.config.run import RunConfig, run_config_from_dict
 from megalm.training.launch_env import free_port
 
@@ -39,11 +39,11 @@ META_KEYS_SET_BY_SAVE = ("format_version", "step", "consumed_samples", "skipped_
 def target_config(ref: CheckpointRef, output: str, tp: int, pp: int, dp: Optional[int],
                   zero_stage: Optional[int]) -> tuple[RunConfig, int]:
     """The source run's config at the new layout (validated like a training config); returns it and dp."""
-    data = copy.deepcopy(ref.meta["config"])
+    source = ref.run_config()
     layout = ref.meta["layout"]
-    data["parallel"] = dict(data.get("parallel") or {}, tp=tp, pp=pp,
-                            zero_stage=layout["zero_stage"] if zero_stage is None else zero_stage)
-    data["train"] = dict(data.get("train") or {}, run_dir=os.path.abspath(output))
+    data = source.to_dict()  # through the dict form, so the new layout is validated like a training config
+    data["parallel"].update(tp=tp, pp=pp, zero_stage=source.parallel.zero_stage if zero_stage is None else zero_stage)
+    data["train"]["run_dir"] = os.path.abspath(output)
     cfg = run_config_from_dict(data)  # ConfigError names the field (e.g. ZeRO>=2 with pp>1, heads vs tp)
     if dp is None:  # keep the world size when it divides, else the data-parallel size
         world = int(layout.get("world_size") or layout["tp"] * layout["pp"] * layout["dp"])
@@ -144,7 +144,7 @@ def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = 
                                               nprocs=world, join=True, start_method="spawn")
     finally:
         os.unlink(scratch)
-    with open(os.path.join(output, "config.yaml"), "w") as f:
+    with open(rundir.config_file(output), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     return locate_checkpoint(output, ref.step).path
 
@@ -169,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     world = locate_checkpoint(path).meta["layout"]["world_size"]
     print(f"wrote {path}\nresume with: torchrun --nproc_per_node={world} -m megalm.train "
-          f"--config {os.path.join(args.output, 'config.yaml')} --resume auto")
+          f"--config {rundir.config_file(args.output)} --resume auto")
     return 0
 
 

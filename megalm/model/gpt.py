@@ -4,7 +4,7 @@
 
 `forward(input_ids [b, s]) -> logits shard [b, s, padded_vocab / tp]`: logits stay vocab-parallel
 (never gathered); `loss(logits, labels)` is the vocab-parallel cross-entropy's mean over tokens whose
-label is not -100. Padding columns of the vocabulary hold -inf. Parameter names and TP partition dims
+label is not IGNORE_INDEX. Padding columns of the vocabulary hold -inf. Parameter names and TP partition dims
 are listed in `megalm.model.params`.
 """
 from __future__ import annotations
@@ -19,15 +19,13 @@ from torch.utils.checkpoint import checkpoint
 
 from megalm.config.model import ModelConfig
 from megalm.parallel.comm import group_rank, group_size
-from megalm.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megalm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from megalm.parallel.grid import ProcessGrid, get_process_grid, is_grid_initialized
 from megalm.parallel.init import new_parameter
 from megalm.parallel.layers import VocabParallelEmbedding, vocab_parallel_logits, vocab_weight_shard
 from megalm.parallel.random import checkpoint_rng_context
 
 from .transformer import RMSNorm, TransformerBlock
-
-IGNORE_INDEX = -100
 
 
 def resolve_tp_group(grid: Optional[ProcessGrid]) -> Optional[ProcessGroup]:
@@ -78,7 +76,7 @@ class OutputLayer(nn.Module):
 
 
 def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Mean cross-entropy over tokens whose label is not -100 (0 when every label is ignored)."""
+    """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (0 when every label is ignored)."""
     per_token = vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX, tp_group)
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return per_token.sum() / count

@@ -22,7 +22,7 @@ Every parameter also carries `partition_dim` (None for replicated ones) as an at
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -48,6 +48,29 @@ _HF_NAMES: list[tuple[str, str]] = [
     (r"layers\.(\d+)\.attention\.o_proj\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
     (r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"model.layers.\1.mlp.\2.weight"),
 ]
+
+
+# What each parameter is, for rules that depend on it rather than on its shape (weight decay): by
+# GPTModel name, so a tool that only has names (a checkpoint's files) classifies exactly like training,
+# which maps its live modules to these names first (`megalm.model.pipeline.gpt_parameter_names`).
+ParameterKind = Literal["embedding", "norm", "matrix"]
+_KINDS: list[tuple[str, ParameterKind]] = [
+    (r"embedding\.weight", "embedding"),  # the input embedding; with tie_embeddings also the head
+    (r"final_norm\.weight", "norm"),
+    (r"layers\.\d+\.(attention_norm|mlp_norm)\.weight", "norm"),
+    (r"output\.weight", "matrix"),  # the untied head is a projection like any other
+    (r"layers\.\d+\.attention\.(qkv|o_proj)\.weight", "matrix"),
+    (r"layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.weight", "matrix"),
+]
+
+
+def parameter_kind(name: str) -> ParameterKind:
+    """The kind of a GPTModel parameter: "embedding", "norm" (an RMSNorm gain) or "matrix" (any other weight)."""
+    for pattern, kind in _KINDS:
+        if re.fullmatch(pattern, name):
+            return kind
+    raise KeyError(f"unknown GPTModel parameter {name!r}: add it to megalm.model.params (_PARTITION_DIMS, "
+                   f"_KINDS, _HF_NAMES) together with the module that defines it")
 
 
 def tp_partition_dim(name: str) -> Optional[int]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
 
 from megalm.config.model import ModelConfig
 from megalm.parallel.comm import group_size
@@ -79,3 +80,48 @@ def gpt_param_name(layer_index: int | str, local_name: str, cfg: ModelConfig) ->
     if i == L + 2:
         return f"embedding.{local_name}" if cfg.tie_embeddings else f"output.{local_name}"
     raise IndexError(f"pipeline layer {i} does not exist: the model has {L + 3} layers (0..{L + 2})")
+
+
+def pipeline_to_gpt_name(name: str, cfg: ModelConfig) -> str:
+    """A PipelineModule parameter name as DeepSpeed saves it ("3.attention.qkv.weight",
+    "tied_modules.embed.weight") -> its GPTModel name."""
+    if name.startswith("tied_modules."):
+        _, key, local = name.split(".", 2)
+        return gpt_param_name(key, local, cfg)
+    idx, local = name.split(".", 1)
+    return gpt_param_name(int(idx), local, cfg)
+
+
+def _layer_prefix(layer: nn.Module) -> Optional[str]:
+    """GPTModel name prefix of one of the four pipeline layer kinds (None for any other module)."""
+    if isinstance(layer, EmbeddingLayer):
+        return "embedding"
+    if isinstance(layer, TransformerBlock):
+        return f"layers.{layer.layer_idx}"
+    if isinstance(layer, FinalNorm):
+        return "final_norm"
+    if isinstance(layer, OutputLayer):
+        return "output"
+    return None
+
+
+def gpt_parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> GPTModel name for every parameter of a GPTModel, a PipelineModule stage (any
+    subset of layers, tied embedding under `tied_modules`) or any container of pipeline layers.
+
+    Found through the layers themselves (each knows its place: a block its global `layer_idx`), so a
+    stage needs neither the ModelConfig nor DeepSpeed's index naming; on GPTModel it reproduces
+    `named_parameters()` exactly. Name-based rules (weight decay, `megalm.model.params`) apply to live
+    modules through this and to checkpoint files through `pipeline_to_gpt_name`."""
+    names: dict[int, str] = {}
+    for module in model.modules():
+        prefix = _layer_prefix(module)
+        if prefix is not None:
+            for local, p in module.named_parameters():
+                names.setdefault(id(p), f"{prefix}.{local}")
+    unnamed = [n for n, p in model.named_parameters() if id(p) not in names]
+    if unnamed:
+        raise ValueError(f"parameters {unnamed[:5]} are not inside an EmbeddingLayer, TransformerBlock, FinalNorm "
+                         f"or OutputLayer, so they have no GPTModel name; add their layer kind to "
+                         f"megalm.model.pipeline._layer_prefix and megalm.model.params")
+    return names

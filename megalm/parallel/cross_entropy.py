@@ -7,10 +7,12 @@ communication are O(tokens), not O(tokens x vocab). The backward is softmax - on
 the local shard from the saved softmax.
 
 Vocabulary padding: the model's output layer sets padding logits to -inf, so they get zero
-probability here. Tokens whose label is `ignore_index` get loss 0 and zero gradient.
+probability here. Tokens whose label is `ignore_index` (by default IGNORE_INDEX) get loss 0 and zero
+gradient. `perplexity` turns a mean loss into the perplexity the trainer and megalm-eval both report.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -18,6 +20,17 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from .comm import group_rank, group_size
+
+# The label of a position that predicts nothing (padding, a window's unfilled tail): the one definition
+# for the model's loss, the data and evaluation; -100 is also torch's F.cross_entropy default, so the
+# reference loss in tests agrees without being told.
+IGNORE_INDEX = -100
+
+# ln(float64 max) is about 709.78: math.exp of anything larger raises OverflowError. Clamping the loss
+# at 700 keeps the perplexity a finite float64 (about 1e304), so a diverged run logs a huge number
+# instead of crashing, and results stay standard JSON (json writes inf as "Infinity"). No healthy loss
+# is near it (uniform over a 10^6-token vocabulary is ln(10^6) = 13.8), so the clamp never hides one.
+PPL_MAX_LOSS = 700.0
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -61,7 +74,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def perplexity(mean_loss: float) -> float:
+    """exp(mean per-token loss), with the loss clamped at PPL_MAX_LOSS so it never overflows; NaN stays NaN."""
+    return math.exp(min(mean_loss, PPL_MAX_LOSS))
+
+
+def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                                  tp_group: Optional[ProcessGroup] = None) -> torch.Tensor:
     """Per-token loss [*labels.shape] (fp32) for logits sharded on the last dim over `tp_group`
     (rank r holds vocab ids [r*V/tp, (r+1)*V/tp)). Equals F.cross_entropy(gathered, labels,

@@ -12,7 +12,9 @@ put several ranks on one GPU, which NCCL refuses; gloo reduces CUDA tensors thro
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import Optional
 
@@ -26,9 +28,13 @@ _selected: Optional[torch.device] = None
 
 
 def _accelerator():
-    from deepspeed.accelerator import get_accelerator  # lazy: eval tools import this without DeepSpeed's start-up
+    # Lazy: tools import this module without paying for DeepSpeed until a device is needed. DeepSpeed's
+    # accelerator detection (run when deepspeed is first imported) logs to *stdout*, which corrupts
+    # `megalm-generate --json`; a tool that first imports it here sends DeepSpeed's log to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.accelerator import get_accelerator
 
-    return get_accelerator()
+        return get_accelerator()
 
 
 def select_device(local_rank: int) -> torch.device:

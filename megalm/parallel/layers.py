@@ -69,6 +69,27 @@ class RowParallelLinear(nn.Module):
         return reduce_from_tp_region(F.linear(x, self.weight), self.tp_group)
 
 
+class TokenIdError(ValueError):
+    """A token id outside the model's vocabulary reached the embedding."""
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """The embedding's last guard against ids >= model.vocab_size (or < 0). Under TP an out-of-range id
+    would look like another rank's row and silently embed as zeros, so the check cannot be left to
+    F.embedding. Training refuses such shards before it starts (their maximum id is checked against
+    the model); this catches what gets through anyway. On GPUs the check is asynchronous (no sync
+    per step): a bad id fails the next synchronising call with this message."""
+    if ids.device.type == "cuda":
+        torch._assert_async(((ids >= 0) & (ids < vocab_size)).all(),
+                            f"token id outside the model's vocabulary [0, {vocab_size}): check model.vocab_size")
+        return
+    if ids.numel() and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+        bad = ids[(ids >= vocab_size) | (ids < 0)]
+        raise TokenIdError(f"token id {int(bad[0])} ({bad.numel()} in this batch) is outside the model's "
+                           f"vocabulary [0, {vocab_size}): the data was tokenised with a larger vocabulary "
+                           f"than model.vocab_size={vocab_size}; use the matching tokenizer or model")
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows. Each rank looks up the ids in its range, zeros the
     rest, and the all-reduce assembles the full embedding.
@@ -92,6 +113,7 @@ class VocabParallelEmbedding(nn.Module):
                                                        init_std, seed, init_key, rank, world), partition_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        check_token_ids(ids, self.num_embeddings)
         if self.tp_group is None or group_size(self.tp_group) == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

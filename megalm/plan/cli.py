@@ -104,7 +104,7 @@ def table(models: list[str], gpu_counts: list[int], global_batch: int, seq_len: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="megalm-plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="7b", help="a name in configs/model/ or a model YAML")
+    ap.add_argument("--model", default="7b", help="a name in megalm/config/models/ (tiny, 125m, ... 70b) or a model YAML")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--gpu-mem-gib", type=float, default=80.0)
     ap.add_argument("--global-batch", type=int, default=1024)

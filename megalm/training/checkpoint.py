@@ -3,44 +3,38 @@
 Save protocol (DESIGN decision 7), on every rank:
   1. DeepSpeed writes its shards under `step_N.tmp/` (every rank its own files), plus our per-rank RNG file;
   2. barrier — every rank's files are complete;
-  3. rank 0 fsyncs the files, writes `megalm.json`, renames `step_N.tmp` -> `step_N`, then replaces the
-     `latest` pointer atomically (write `latest.tmp`, fsync, rename) and prunes to keep-last-N;
+  3. rank 0 writes `megalm.json`, fsyncs the files, renames `step_N.tmp` -> `step_N`, then replaces the
+     `latest` pointer atomically (`rundir.publish_checkpoint`) and prunes to keep-last-N (`rundir.prune`:
+     renamed out of the `step_*` namespace, then deleted);
   4. barrier.
 A reader (resume, eval, `megalm-launch ckpt`) trusts only directories without `.tmp` that hold
 `megalm.json`, and `latest` only ever names such a directory, so a crash at any point leaves the previous
-checkpoint loadable.
+checkpoint loadable. The names and these rules are defined once, in megalm/rundir.py.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-CKPT_DIRNAME = "checkpoints"
-LATEST = "latest"
-META = "megalm.json"
-TMP_SUFFIX = ".tmp"
+# Every name and rule of the run directory lives in megalm/rundir.py (shared with the torch-free
+# launcher); re-exported here for the trainer's callers.
+from megalm.rundir import (CheckpointError, checkpoint_root, complete_steps, meta_file, parse_tag, prune,
+                           publish_checkpoint, read_latest, read_meta, remove_stale_tmp, rng_file, tag_for, tmp_tag_for)
+from megalm.rundir import fsync_tree as _fsync_tree  # a module global: fault drills patch it
+
+__all__ = ["CheckpointError", "TrainState", "check_compatible", "checkpoint_root", "complete_steps",
+           "load_checkpoint", "prune", "read_latest", "read_meta", "remove_stale_tmp", "save_checkpoint", "tag_for"]
+
 FORMAT_VERSION = 1
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match the run that tries to load it."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(run_dir: str) -> str:
-    return os.path.join(run_dir, CKPT_DIRNAME)
 
 
 @dataclass
@@ -50,120 +44,98 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + TMP_SUFFIX
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(path) or ".")
-
-
-def complete_steps(root: str) -> list[int]:
-    """Steps of complete checkpoints (renamed into place, with metadata), ascending."""
-    if not os.path.isdir(root):
-        return []
-    steps = []
-    for name in os.listdir(root):
-        m = _STEP_DIR.match(name)
-        if m and os.path.isfile(os.path.join(root, name, META)):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
-
-
-def read_latest(root: str) -> Optional[str]:
-    """The tag `latest` names, or None. A `latest` naming something incomplete is an error, not a guess."""
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    tag = open(path).read().strip()
-    if not os.path.isfile(os.path.join(root, tag, META)):
-        raise CheckpointError(f"{path} names {tag!r}, which is not a complete checkpoint (no {META})")
-    return tag
-
-
-def read_meta(root: str, tag: str) -> dict:
-    path = os.path.join(root, tag, META)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{os.path.join(root, tag)} is not a complete checkpoint (missing {META}); "
-                              f"complete steps: {complete_steps(root)}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def remove_stale_tmp(root: str) -> None:
-    """Rank 0 at start-up: delete half-written `*.tmp` checkpoints left by a run that died mid-save."""
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            if name.endswith(TMP_SUFFIX):
-                path = os.path.join(root, name)
-                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.unlink(path)
-
-
-def prune(root: str, keep_last: int, protect: tuple[str, ...] = ()) -> list[int]:
-    """Delete complete checkpoints beyond the newest `keep_last`, never one named in `protect`."""
-    steps = complete_steps(root)
-    removed = []
-    for step in steps[:-keep_last] if keep_last > 0 else []:
-        if tag_for(step) in protect:
-            continue
-        shutil.rmtree(os.path.join(root, tag_for(step)), ignore_errors=True)
-        removed.append(step)
-    return removed
-
-
-def _rng_file(ckpt_dir: str, rank: int) -> str:
-    return os.path.join(ckpt_dir, "rng", f"rank{rank:05d}.pt")
-
-
 def save_checkpoint(engine: Any, run_dir: str, state: TrainState, meta: dict, keep_last: int) -> str:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     root = checkpoint_root(run_dir)
     rank = dist.get_rank()
-    tag = tag_for(state.step)
-    tmp_tag = tag + TMP_SUFFIX
+    tmp_tag = tmp_tag_for(state.step)
+    tmp_dir = os.path.join(root, tmp_tag)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(os.path.join(root, tmp_tag), ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(root, tag=tmp_tag, save_latest=False,
-                           client_state={"megalm_step": state.step, "consumed_samples": state.consumed_samples})
-    os.makedirs(os.path.dirname(_rng_file(os.path.join(root, tmp_tag), rank)), exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, _rng_file(os.path.join(root, tmp_tag), rank))
-    dist.barrier()
-    final = os.path.join(root, tag)
+    try:
+        engine.save_checkpoint(root, tag=tmp_tag, save_latest=False,
+                               client_state={"megalm_step": state.step, "consumed_samples": state.consumed_samples})
+        os.makedirs(os.path.dirname(rng_file(tmp_dir, rank)), exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, rng_file(tmp_dir, rank))
+        failure = None
+    except (OSError, RuntimeError) as e:
+        failure = e
+    # Instead of a barrier: every rank learns whether any rank's write failed, so none waits forever
+    # for a peer that raised (a full disk often hits only the ranks that write the large shards).
+    failures: list = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, _save_failure(failure, root, state.step))
+    _raise_first(failures, failure, root, tmp_dir)
+    final = os.path.join(root, tag_for(state.step))
+    failure = None
     if rank == 0:
-        tmp_dir = os.path.join(root, tmp_tag)
-        full_meta = dict(meta, format_version=FORMAT_VERSION, step=state.step,
-                         consumed_samples=state.consumed_samples, skipped_steps=state.skipped_steps,
-                         saved_at=time.time())
-        with open(os.path.join(tmp_dir, META), "w") as f:
-            json.dump(full_meta, f, indent=2, sort_keys=True)
-        _fsync_tree(tmp_dir)
-        if os.path.isdir(final):  # re-saving the same step (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp_dir, final)
-        _fsync_path(root)
-        _write_atomic(os.path.join(root, LATEST), tag)
-        prune(root, keep_last, protect=(tag,))
-    dist.barrier()
+        try:
+            full_meta = dict(meta, format_version=FORMAT_VERSION, step=state.step,
+                             consumed_samples=state.consumed_samples, skipped_steps=state.skipped_steps,
+                             saved_at=time.time())
+            with open(meta_file(tmp_dir), "w") as f:
+                json.dump(full_meta, f, indent=2, sort_keys=True)
+            _fsync_tree(tmp_dir)
+            publish_checkpoint(root, state.step)
+            prune(root, keep_last, protect=(tag_for(state.step),))
+        except OSError as e:
+            failure = e
+    published = [_save_failure(failure, root, state.step)]
+    dist.broadcast_object_list(published, src=0)  # also the closing barrier
+    _raise_first(published, failure, root, tmp_dir)
     return final
+
+
+def _disk_full(e: BaseException, root: str) -> bool:
+    """A full disk shows up as OSError ENOSPC from Python writes, but torch.save reports it as a
+    RuntimeError (`basic_ios::clear: iostream error`, `unexpected pos`) with no errno or path, so for
+    those the free space left in the checkpoint directory tells a full disk apart from other failures."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    free = _free_bytes(root)
+    return free is not None and free < _DISK_FULL_BYTES
+
+
+_DISK_FULL_BYTES = 64 * 2**20  # less free than this after a failed write: the disk filled up
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    while path and not os.path.isdir(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or ".").free
+    except OSError:
+        return None
+
+
+def _save_failure(e: Optional[BaseException], root: str, step: int) -> Optional[str]:
+    """The user-facing message for a failed checkpoint write (None when nothing failed)."""
+    if e is None:
+        return None
+    if _disk_full(e, root):
+        previous = complete_steps(root)
+        kept = f"the previous checkpoint {tag_for(previous[-1])} is intact" if previous else "no earlier checkpoint exists"
+        free = _free_bytes(root)
+        free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        return (f"no space left on {root} ({free_text}) while saving step {step}: {kept}; free space there "
+                f"(e.g. lower train.keep_last, `megalm-launch ckpt prune`) or move train.run_dir, then resume")
+    if isinstance(e, OSError):
+        return f"cannot write checkpoint step {step} under {root}: {e}; check that the directory is writable"
+    return f"saving checkpoint step {step} under {root} failed on a rank ({type(e).__name__}: {e})"
+
+
+def _raise_first(messages: list, own: Optional[BaseException], root: str, tmp_dir: str) -> None:
+    """Raise on every rank when any rank's write failed, with the same message. A failure that is
+    neither a full disk nor an OSError may be a bug: it keeps its traceback on the rank that had it."""
+    first = next((m for m in messages if m is not None), None)
+    if first is None:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # give the space back; the earlier step stays as it was
+    if own is not None and not isinstance(own, OSError) and not _disk_full(own, root):
+        raise own
+    raise CheckpointError(first)
 
 
 def check_compatible(meta: dict, expected: dict, where: str) -> None:
@@ -190,12 +162,59 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
             return None
     meta = read_meta(root, tag)
     check_compatible(meta, expected_meta, os.path.join(root, tag))
-    load_path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+    # Rank 0 checks every .pt of the step and all ranks raise the same error: a truncated file seen by
+    # one rank only (its optimizer shard) would otherwise leave its peers waiting in a collective.
+    problem = [unreadable_file(os.path.join(root, tag), quick=True) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise unreadable_checkpoint(root, tag, *problem[0])
+    try:
+        load_path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+    except RuntimeError:  # torch's "PytorchStreamReader failed ...": find and name the file (CRCs too)
+        found = unreadable_file(os.path.join(root, tag), quick=False)
+        if found is None:
+            raise
+        raise unreadable_checkpoint(root, tag, *found) from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(root, tag)}")
-    rng = _rng_file(os.path.join(root, tag), dist.get_rank())
+    rng = rng_file(os.path.join(root, tag), dist.get_rank())
     if os.path.isfile(rng):
         torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
     return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
                       skipped_steps=meta.get("skipped_steps", 0))
+
+
+def unreadable_file(ckpt_dir: str, quick: bool) -> Optional[tuple[str, str]]:
+    """(path, why) of the first `.pt` under a step directory that is no readable torch archive (torch
+    saves zip files): its central directory must parse and, unless `quick`, every member's CRC match.
+    Quick reads only each file's tail, cheap enough before every resume."""
+    for dirpath, _, names in sorted(os.walk(ckpt_dir)):
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            path = os.path.join(dirpath, name)
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    if not zf.namelist():
+                        return path, "empty archive"
+                    bad = None if quick else zf.testzip()
+                    if bad is not None:
+                        return path, f"CRC mismatch in member {bad}"
+            except zipfile.BadZipFile:
+                return path, "truncated zip: no central directory"
+            except (OSError, EOFError) as e:
+                return path, f"cannot read it: {getattr(e, 'strerror', None) or e}"
+    return None
+
+
+def unreadable_checkpoint(root: str, tag: str, path: str, why: str) -> CheckpointError:
+    """The error for a damaged step, pointing at the intact earlier steps. `--resume auto` never falls
+    back to one by itself: resuming earlier repeats training the user may not want to pay for twice."""
+    step = parse_tag(tag)
+    earlier = [s for s in complete_steps(root) if step is None or s < step]
+    bad_dir = os.path.join(root, tag)
+    if earlier:
+        fix = (f"complete earlier steps: {earlier}; resume one with --resume {tag_for(earlier[-1])} "
+               f"or delete the bad step {bad_dir}")
+    else:
+        fix = f"no complete earlier step; restore the file, or delete {bad_dir} and start the run over"
+    return CheckpointError(f"checkpoint {path} is unreadable ({why}): {fix}")

@@ -1,11 +1,10 @@
-"""The DeepSpeed config dict generated from a RunConfig; a user JSON may override any field."""
+"""The DeepSpeed config dict generated from a RunConfig; `train.deepspeed_config` adds tuning fields on
+top, after `megalm.config.deepspeed_overrides` has refused those that contradict the run config."""
 from __future__ import annotations
 
 import copy
-import json
-import os
 
-from megalm.config import ConfigError
+from megalm.config.deepspeed_overrides import check_deepspeed_overrides
 from megalm.config.run import RunConfig
 
 from .optimizer import uses_guarded_optimizer
@@ -46,13 +45,6 @@ def build_deepspeed_config(cfg: RunConfig, dp: int) -> dict:
                       "hysteresis": 2, "min_loss_scale": 1}
     if t.activation_checkpointing:
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
-    if t.deepspeed_config:
-        if not os.path.isfile(t.deepspeed_config):
-            raise ConfigError(f"train.deepspeed_config: file {t.deepspeed_config!r} does not exist")
-        with open(t.deepspeed_config) as f:
-            try:
-                user = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"train.deepspeed_config: {t.deepspeed_config!r} is not valid JSON: {e}") from None
-        ds = _deep_merge(ds, user)
-    return ds
+    # Checked again here (not only in check_launch): tools and benchmarks build engines directly.
+    user = check_deepspeed_overrides(t, cfg.parallel.zero_stage, dp)
+    return _deep_merge(ds, user) if user else ds

@@ -1,8 +1,9 @@
 """Fault injection for tests and fire drills, from MEGALM_FAULT (comma-separated):
 
-    nan@STEP           the loss of optimiser step STEP becomes NaN (exercises the non-finite skip)
-    hang@STEP[:RANK]   RANK (default 0) stops stepping at STEP (exercises hang detection)
-    crash@STEP[:RANK]  RANK exits with status 17 at STEP (exercises restarts)
+    nan@STEP           the loss of step STEP (as logged: steps count from 1) becomes NaN, so its
+                       update is skipped (exercises the non-finite skip)
+    hang@STEP[:RANK]   RANK (default 0) stops stepping once step STEP is done (exercises hang detection)
+    crash@STEP[:RANK]  RANK exits with status 17 once step STEP is done (exercises restarts)
 
 Unset in normal runs; parsing errors fail loudly so a mistyped drill does not silently do nothing.
 """
@@ -37,11 +38,12 @@ def parse_faults(spec: str | None = None) -> list[Fault]:
 
 
 def nan_at(faults: list[Fault], step: int) -> bool:
+    """Whether the loss of (1-based, logged) step `step` is to be poisoned."""
     return any(f.kind == "nan" and f.step == step for f in faults)
 
 
 def act(faults: list[Fault], step: int, rank: int) -> None:
-    """Called at the start of each step: hang or crash this rank where a drill says so."""
+    """Called before each step with the number of steps done: hang or crash where a drill says so."""
     for f in faults:
         if f.step == step and f.rank == rank:
             if f.kind == "crash":

@@ -17,13 +17,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megalm import rundir
 from megalm.config.run import RunConfig
 from megalm.data import build_datasets, micro_batches_for_step
 from megalm.model.flops import flops_per_token
+from megalm.parallel.cross_entropy import perplexity
 from megalm.parallel.device import any_rank, dist_backend, select_device
 from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
 
 from . import checkpoint as ckpt
+from . import resume as resume_rules
 from .engine import Engine, build_engine
 from .faults import act, nan_at, parse_faults
 from .launch_env import LaunchEnv
@@ -58,13 +61,33 @@ def checkpoint_meta(cfg: RunConfig, engine: Engine, world_size: int) -> dict:
 
 
 def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack_dump: bool = True) -> int:
-    """Run training to `train.train_steps`; returns the process exit code (0 also after a signal stop)."""
-    t = cfg.train
+    """Run training to `train.train_steps`; returns the process exit code (0 also after a signal stop,
+    2 when another live run holds the run directory: megalm/runlock.py)."""
+    import sys  # local: this edit is kept to train()'s head while others change the rest of the file
+
+    from megalm import runlock
+
     accum = cfg.check_launch(launch.world_size)  # bad layout/batch/paths fail before any process group
     device = select_device(launch.local_rank)
     deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, timeout=PROCESS_GROUP_TIMEOUT,
                                init_method="env://", rank=launch.rank, world_size=launch.world_size)
     rank = dist.get_rank()
+    # Before anything is written into the run dir (stack files, config.yaml, metrics.jsonl): a second
+    # run there would interleave metrics and race the first one's checkpoints. Rank 0 takes the lock,
+    # any_rank tells every rank the outcome (so none hangs in a later collective), and it is released
+    # however _train ends (return, signal stop, exception).
+    try:
+        with runlock.hold(cfg.train.run_dir, rank == 0, any_rank, log=lambda m: print(m, flush=True)):
+            return _train(cfg, launch, resume, stack_dump, accum, device, rank)
+    except runlock.RunDirInUse as e:
+        if rank == 0:
+            print(f"megalm-train: {e}", file=sys.stderr, flush=True)
+        return 2  # never restarted by `megalm-launch run` (its --no-restart-codes default)
+
+
+def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump: bool, accum: int,
+           device: torch.device, rank: int) -> int:
+    t = cfg.train
     stop = StopRequest()
     stop.install(stack_file(t.run_dir, rank) if stack_dump else None)
     faults = parse_faults()
@@ -72,26 +95,28 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
     os.makedirs(t.run_dir, exist_ok=True)
     if rank == 0:
         ckpt.remove_stale_tmp(ckpt.checkpoint_root(t.run_dir))
-        with open(os.path.join(t.run_dir, "config.yaml"), "w") as f:
+        with open(rundir.config_file(t.run_dir), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     dist.barrier()
 
     torch.manual_seed(t.seed)
     samples_per_step = t.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=t.train_steps * samples_per_step,
+    # The resume rules (megalm/training/resume.py) are checked before the datasets and the engine are
+    # built: a refused change fails fast, and an allowed batch change needs a longer sample index.
+    point = resume_rules.find_resume_point(t.run_dir, resume)
+    changes = resume_rules.resume_changes(point, cfg, file_sha256(cfg.data.tokenizer)) if point else []
+    train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=resume_rules.train_samples_needed(point, t),
                                            valid_samples=t.eval_iters * samples_per_step if t.eval_interval else 0,
                                            test_samples=0)
     engine = build_engine(cfg, grid, device)
     meta = checkpoint_meta(cfg, engine, launch.world_size)
     state = ckpt.TrainState()
-    if resume is not None:
-        loaded = ckpt.load_checkpoint(engine.ds, t.run_dir, None if resume == "auto" else resume, meta)
-        if loaded is not None:
-            state = loaded
-            if rank == 0:
-                print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
-        elif resume != "auto":
-            raise ckpt.CheckpointError(f"no checkpoint {resume!r} under {ckpt.checkpoint_root(t.run_dir)}")
+    if point is not None:
+        meta["resume_changes"] = changes
+        state = ckpt.load_checkpoint(engine.ds, t.run_dir, point.tag, meta)
+        resume_rules.override_schedule(engine.ds, t)  # the schedule is the current config's
+        if rank == 0:
+            print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
 
     logger = MetricsLogger(t.run_dir, enabled=rank == 0, tensorboard=t.tensorboard)
     heartbeat = Heartbeat(t.run_dir, enabled=rank == 0)
@@ -112,7 +137,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
         act(faults, state.step, rank)
         heartbeat.beat(state.step)
         batches = micro_batches_for_step(train_ds, consumed_samples=state.consumed_samples, **batch_args)
-        loss = engine.train_step(batches, poison=nan_at(faults, state.step))
+        loss = engine.train_step(batches, poison=nan_at(faults, state.step + 1))  # logged as step + 1
         grad_norm = engine.grad_norm()
         state.step += 1
         state.consumed_samples += samples_per_step
@@ -154,7 +179,7 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
             vloss = sum(engine.eval_step(micro_batches_for_step(valid_ds, consumed_samples=i * samples_per_step,
                                                                 **batch_args))
                         for i in range(t.eval_iters)) / t.eval_iters
-            logger.log(state.step, {"loss": vloss, "ppl": math.exp(min(vloss, 50.0))}, prefix="valid")
+            logger.log(state.step, {"loss": vloss, "ppl": perplexity(vloss)}, prefix="valid")
         if any_rank(stop.requested):
             save()
             if rank == 0:

@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from megalm import rundir
+
 
 def peak_memory_gib() -> float:
     """Peak memory of this process: device memory on GPU, peak RSS on CPU."""
@@ -22,11 +24,11 @@ class MetricsLogger:
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool):
         self.enabled = enabled
         self.writer = None
-        self.log_path = os.path.join(run_dir, "metrics.jsonl")
+        self.log_path = rundir.metrics_file(run_dir)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self.writer = SummaryWriter(log_dir=rundir.tensorboard_dir(run_dir))
 
     def log(self, step: int, values: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -55,16 +57,15 @@ class Heartbeat:
     """RUN_DIR/heartbeat.json rewritten after every step: the supervisor's evidence of progress."""
 
     def __init__(self, run_dir: str, enabled: bool):
-        self.path = os.path.join(run_dir, "heartbeat.json")
+        self.path = rundir.heartbeat_file(run_dir)
         self.enabled = enabled
 
     def beat(self, step: int, loss: Optional[float] = None) -> None:
         if not self.enabled:
             return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "time": time.time(), "loss": loss, "pid": os.getpid()}, f)
-        os.replace(tmp, self.path)
+        # No fsync: it is evidence of liveness, rewritten every step, not state to recover.
+        rundir.write_atomic(self.path, json.dumps({"step": step, "time": time.time(), "loss": loss,
+                                                   "pid": os.getpid()}), fsync=False)
 
 
 def log_to_stderr(msg: str) -> None:

@@ -1,5 +1,6 @@
-"""AdamW with parameter groups (no weight decay on norm gains and embeddings, as configured), and the
-gradient guard DeepSpeed lacks for plain fp32 ZeRO-0 training."""
+"""AdamW with parameter groups (no weight decay on norm gains and embeddings, as configured: the rule
+is `megalm.training.param_groups`, shared with checkpoint tools), and the gradient guard DeepSpeed
+lacks for plain fp32 ZeRO-0 training."""
 from __future__ import annotations
 
 import math
@@ -10,30 +11,10 @@ import torch
 from megalm.config.train import TrainConfig
 from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
-from megalm.parallel.layers import VocabParallelEmbedding
 
+from .param_groups import parameter_groups
 
-def _embedding_parameters(model: torch.nn.Module) -> set[int]:
-    """Ids of input-embedding weights, found by module type: parameter names differ between GPTModel
-    (`embedding.weight`) and a PipelineModule (`0.weight`, `tied_modules.embed.weight`)."""
-    return {id(p) for m in model.modules() if isinstance(m, VocabParallelEmbedding) for p in m.parameters()}
-
-
-def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
-    decay, no_decay = [], []
-    embeddings = _embedding_parameters(model)
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        # The model has no biases, so the 1-D parameters are exactly the norm gains. Under ZeRO-3 a
-        # parameter's data is an empty placeholder; its real shape is `ds_shape`.
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        skip = (cfg.no_decay_norms and ndim < 2) or (cfg.no_decay_embeddings and id(p) in embeddings)
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+__all__ = ["GuardedAdamW", "build_optimizer", "parameter_groups", "uses_guarded_optimizer"]
 
 
 class GuardedAdamW(torch.optim.AdamW):

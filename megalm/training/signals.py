@@ -15,11 +15,9 @@ import os
 import signal
 from typing import IO, Optional
 
-STACKS_DIR = "stacks"
+from megalm.rundir import stack_file  # RUN_DIR/stacks/rankNNNNN.txt; re-exported for the loop
 
-
-def stack_file(run_dir: str, rank: int) -> str:
-    return os.path.join(run_dir, STACKS_DIR, f"rank{rank:05d}.txt")
+__all__ = ["StopRequest", "stack_file"]
 
 
 class StopRequest:

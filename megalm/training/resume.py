@@ -1,0 +1,98 @@
+"""What a resumed run may change, and the LR schedule it continues with (DESIGN decision 33).
+
+Refused: `data.seq_len`, `data.seed` and the tokenizer (its sha256). A checkpoint's consumed_samples
+counts samples of one (seq_len, seed, token ids) sample index; with another, "continue after sample N"
+names different data, so the run would silently repeat or skip some.
+Allowed and recorded in megalm.json `resume_changes` ([{step, field, old, new}], appended across
+resumes): the data blend (paths, weights — Megatron allows it too) and the global batch (a batch ramp):
+consumed_samples continues and the sample index is rebuilt for the new blend. The schedule fields are
+recorded as well, since a new LR changes the run's history as much.
+LR schedule: always the current config's (Megatron's `--override-opt_param-scheduler`): lr, min_lr,
+warm-up and decay apply at the resumed step. DeepSpeed restores the scheduler's base LRs from the
+checkpoint, which combined with the new config's factor gave an LR below min_lr (1e-2 over a 3e-3
+checkpoint ended at 9e-5); `override_schedule` resets them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from megalm.config.run import RunConfig
+from megalm.config.train import TrainConfig
+from megalm.rundir import CheckpointError, checkpoint_root, meta_file, read_latest, read_meta
+
+REFUSED_FIELDS = ("data.seq_len", "data.seed")
+RECORDED_FIELDS = ("data.train_paths", "data.train_weights", "data.valid_paths", "train.global_batch_size",
+                   "train.lr", "train.min_lr", "train.warmup_steps", "train.lr_decay", "train.lr_decay_steps")
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    meta: dict  # the checkpoint's megalm.json
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def consumed_samples(self) -> int:
+        return int(self.meta["consumed_samples"])
+
+
+def find_resume_point(run_dir: str, resume: Optional[str]) -> Optional[ResumePoint]:
+    """The checkpoint `--resume` names (None: start fresh). `auto` without a `latest` starts fresh; a
+    named tag that is not a complete checkpoint is a CheckpointError listing the complete steps."""
+    if resume is None:
+        return None
+    root = checkpoint_root(run_dir)
+    tag = read_latest(root) if resume == "auto" else resume
+    if tag is None:
+        return None
+    return ResumePoint(tag, read_meta(root, tag))
+
+
+def _field(d: dict, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return (d.get(section) or {}).get(name)
+
+
+def resume_changes(point: ResumePoint, cfg: RunConfig, tokenizer_sha256: Optional[str]) -> list[dict]:
+    """Every recorded change so far plus this resume's; raises CheckpointError listing all refused
+    differences at once, so the user fixes them in one go."""
+    old, new = point.meta.get("config") or {}, cfg.to_dict()
+    where = meta_file(point.tag)
+    refused = [f"{f}: checkpoint {_field(old, f)!r} vs this run {_field(new, f)!r}"
+               for f in REFUSED_FIELDS if _field(old, f) != _field(new, f)]
+    if point.meta.get("tokenizer_sha256") != tokenizer_sha256:
+        refused.append(f"data.tokenizer (sha256): checkpoint {point.meta.get('tokenizer_sha256')!r} vs this run "
+                       f"{tokenizer_sha256!r} ({cfg.data.tokenizer!r})")
+    if refused:
+        raise CheckpointError(
+            f"cannot resume {where}: these change what its consumed_samples={point.consumed_samples} mean: "
+            + "; ".join(refused) + ". Set them back to the checkpoint's values, or start a new run "
+            "(another train.run_dir; use train.init_from when it exists to start from these weights)")
+    changes = list(point.meta.get("resume_changes") or [])
+    changes += [{"step": point.step, "field": f, "old": _field(old, f), "new": _field(new, f)}
+                for f in RECORDED_FIELDS if _field(old, f) != _field(new, f)]
+    return changes
+
+
+def train_samples_needed(point: Optional[ResumePoint], train: TrainConfig) -> int:
+    """Samples the training index must cover. Unchanged batch: train_steps x G, exactly what an
+    uninterrupted run builds (so resumes stay bitwise exact); after a batch change, also what is left."""
+    samples = train.train_steps * train.global_batch_size
+    if point is None:
+        return samples
+    return max(samples, point.consumed_samples + max(0, train.train_steps - point.step) * train.global_batch_size)
+
+
+def override_schedule(ds_engine: Any, train: TrainConfig) -> None:
+    """After DeepSpeed restored the scheduler: base LRs from the current config, and the optimizer's LR
+    set for the resumed step now (the scheduler's factor already comes from the current config)."""
+    sched = ds_engine.lr_scheduler
+    sched.base_lrs = [train.lr for _ in sched.base_lrs]
+    lrs = [base * factor(sched.last_epoch) for factor, base in zip(sched.lr_lambdas, sched.base_lrs)]
+    for group, lr in zip(sched.optimizer.param_groups, lrs):
+        group["lr"], group["initial_lr"] = lr, train.lr
+    sched._last_lr = lrs  # what get_last_lr() (the logged LR) reports until the next step
