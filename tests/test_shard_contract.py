@@ -21,6 +21,7 @@ from megalm.config import ConfigError, DataConfig
 from megalm.config import expand_shard_path as config_expand_shard_path
 from megalm.data import IndexedDataset
 from tests.prep_fixtures import read_docs
+from tests.source_files import read_sources
 from tests.train_fixtures import REPO
 
 
@@ -134,16 +135,7 @@ RULES = [
 
 
 def _sources() -> list[tuple[str, str]]:
-    out = []
-    for top in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, top)):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
-            for name in filenames:
-                if name.endswith(".py"):
-                    path = os.path.join(dirpath, name)
-                    with open(path, encoding="utf-8") as f:
-                        out.append((os.path.relpath(path, REPO).replace(os.sep, "/"), f.read()))
-    return out
+    return read_sources(SOURCE_DIRS, (".py",))
 
 
 def test_only_data_prep_parses_shards_and_expands_shard_paths():

@@ -6,9 +6,9 @@ metadata read as raw dicts with copied defaults. Each finding names the file, li
 """
 from __future__ import annotations
 
-import os
 import re
 
+from tests.source_files import read_sources
 from tests.train_fixtures import REPO
 
 SOURCE_DIRS = ("megalm", "data_prep", "launcher", "bench", "scripts")
@@ -33,16 +33,7 @@ TOOL_DIRS = ("megalm/eval", "megalm/export")
 
 
 def _sources() -> list[tuple[str, str]]:
-    out = []
-    for top in SOURCE_DIRS:
-        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, top)):
-            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
-            for name in filenames:
-                if name.endswith((".py", ".sh", ".sbatch")):
-                    path = os.path.join(dirpath, name)
-                    with open(path, encoding="utf-8") as f:
-                        out.append((os.path.relpath(path, REPO).replace(os.sep, "/"), f.read()))
-    return out
+    return read_sources(SOURCE_DIRS, (".py", ".sh", ".sbatch"))
 
 
 def _findings(text: str, pattern: re.Pattern) -> list[int]:
