@@ -1,6 +1,8 @@
 """`megalm-prep`: the command line of data_prep (argument parsing and dispatch only).
 
-Exit status: 0 success, 2 usage or input error (message names the file / option), 1 anything else.
+Exit status: 0 success, 2 usage or input error (message names the file / option), 1 anything else;
+interrupted: 130 (SIGINT, Ctrl-C) or 143 (SIGTERM), i.e. 128 + the signal, as a shell reports it, after
+the workers are ended and the temporary files removed (the output resumes on a re-run).
 """
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import faulthandler
 import os
 import signal
 import sys
+import threading
 from typing import Optional
 
-from data_prep.errors import PrepError
+from data_prep.errors import Interrupted, PrepError
 
 TOKENIZE_EPILOG = """\
 output naming:
@@ -26,6 +29,13 @@ resume:
 bad records:
   malformed JSON, missing field, non-UTF-8 bytes and empty documents are skipped and counted (the first
   few named with file:line on stderr); --strict stops at the first one with exit status 2.
+  No document at all is an error (exit 2) unless --allow-empty.
+damaged inputs:
+  a .gz/.zst input that is truncated, corrupt or not in that format stops the run (exit 2, naming the
+  file); the manifest keeps "complete": false and the error. A re-run after fixing the input starts over.
+interrupts:
+  SIGINT (Ctrl-C, or to the main process alone) and SIGTERM end the workers and exit 130 / 143, leaving
+  only complete shards; re-run the same command to continue.
 """
 
 
@@ -42,6 +52,9 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
                    help="auto: by extension (.jsonl/.json/.ndjson, .parquet, anything else is text), "
                         "after stripping .gz/.zst")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record (exit 2, naming file:line)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="succeed when the inputs yield no document at all (default: an error naming the inputs "
+                        "and why every record was skipped)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
 
         train_tokenizer(args.input, args.vocab_size, args.output, json_key=_single_key(args.json_keys),
                         glob=args.glob, input_format=args.input_format, special_tokens=args.special_tokens,
-                        min_frequency=args.min_frequency, strict=args.strict)
+                        min_frequency=args.min_frequency, strict=args.strict, allow_empty=args.allow_empty)
     elif args.command == "tokenize":
         from data_prep.pipeline import TokenizeOptions, tokenize
 
@@ -117,7 +130,7 @@ def run(args: argparse.Namespace) -> None:
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             json_key=_single_key(args.json_keys), workers=args.workers, append_eod=args.append_eod,
             eod_token=args.eod_token, glob=args.glob, input_format=args.input_format, shard_size=args.shard_size,
-            num_shards=args.num_shards, strict=args.strict, progress=args.progress))
+            num_shards=args.num_shards, strict=args.strict, allow_empty=args.allow_empty, progress=args.progress))
     elif args.command == "inspect":
         from data_prep.inspection import inspect_output
 
@@ -133,7 +146,23 @@ def run(args: argparse.Namespace) -> None:
         build_demo_corpus(args.output_dir, vocab_size=args.vocab_size, workers=args.workers, num_shards=args.num_shards)
 
 
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    # SIGTERM's default action kills the process on the spot: no cleanup, no message. As an exception
+    # it unwinds like Ctrl-C. Only in the main thread (an embedding caller may run us elsewhere).
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if on_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if on_main_thread:  # a caller that runs main() in-process (the tests) gets its own handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv: Optional[list[str]]) -> int:
     if hasattr(signal, "SIGUSR2"):  # the test harness asks hung processes for their stacks with SIGUSR2
         try:
             faulthandler.register(signal.SIGUSR2, all_threads=True)
@@ -145,9 +174,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PrepError as exc:
         print(f"megalm-prep {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"megalm-prep {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+        print(f"megalm-prep {args.command}: interrupted{name}", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

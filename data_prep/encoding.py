@@ -7,13 +7,13 @@ were submitted, never in completion order: that is what makes shards byte-identi
 """
 from __future__ import annotations
 
-import collections
 import itertools
-import multiprocessing as mp
 import os
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
+
+from data_prep.workers import OrderedWorkers
 
 Encoded = tuple[np.ndarray, np.ndarray]  # (flat token ids in the shard dtype, int64 lengths)
 
@@ -74,7 +74,8 @@ def _encode_in_worker(texts: list[str]) -> Encoded:
 
 
 class EncoderPool:
-    """`workers` processes (or the calling process when workers == 1) encoding batches in order.
+    """`workers` processes (data_prep.workers.OrderedWorkers) or the calling process (workers == 1)
+    encoding batches in order.
 
     At most `max_in_flight` batches are queued at once, so memory stays bounded however large the
     corpus is (multiprocessing's `imap` would read the whole input iterator ahead).
@@ -83,15 +84,13 @@ class EncoderPool:
     def __init__(self, workers: int, tokenizer_path: str, dtype: str, eod_id: Optional[int],
                  max_in_flight: Optional[int] = None):
         self.workers = workers
-        self.max_in_flight = max_in_flight or 4 * workers + 2
-        self._pool = None
+        self._pool: Optional[OrderedWorkers] = None
         self._inline: Optional[BatchEncoder] = None
         if workers <= 1:
             self._inline = BatchEncoder(tokenizer_path, dtype, eod_id)
         else:
-            # spawn, not fork: the parent may hold threads (progress bar, Rayon) that must not be forked.
-            ctx = mp.get_context("spawn")
-            self._pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, dtype, eod_id))
+            self._pool = OrderedWorkers(workers, _encode_in_worker, initializer=_init_worker,
+                                        initargs=(tokenizer_path, dtype, eod_id), max_in_flight=max_in_flight)
 
     def map(self, batches: Iterable[tuple[Any, list[str]]]) -> Iterator[tuple[Any, Encoded]]:
         """For each (metadata, texts) yield (metadata, encoded) in input order."""
@@ -100,20 +99,11 @@ class EncoderPool:
                 yield meta, self._inline.encode(texts)
             return
         assert self._pool is not None
-        pending: collections.deque = collections.deque()
-        for meta, texts in batches:
-            pending.append((meta, self._pool.apply_async(_encode_in_worker, (texts,))))
-            if len(pending) >= self.max_in_flight:
-                meta0, res = pending.popleft()
-                yield meta0, res.get()
-        while pending:
-            meta0, res = pending.popleft()
-            yield meta0, res.get()
+        yield from self._pool.map(batches)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.close()
             self._pool = None
 
     def __enter__(self) -> "EncoderPool":

@@ -7,3 +7,12 @@ class PrepError(Exception):
     --strict). The message names the file (and line) and is printed as is, without a traceback."""
 
     exit_code = 2
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (scancel, kill, a supervisor), raised in the main process so that it stops exactly like
+    Ctrl-C does: workers ended, temporary files removed, a resumable output left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum

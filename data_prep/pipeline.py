@@ -23,7 +23,8 @@ from data_prep.output_dir import prepare_output_dir
 from data_prep.mmidx import CODE_OF_DTYPE, data_path, index_path, token_dtype
 from data_prep.progress import Progress
 from data_prep.sharding import ShardSink
-from data_prep.sources import RecordReader, Skip, SkipCounter, check_parquet_columns, count_records, discover_inputs
+from data_prep.sources import (RecordReader, Skip, SkipCounter, check_parquet_columns, count_records, discover_inputs,
+                               no_documents_error)
 from data_prep.tokenizer import EOD_TOKEN, load_tokenizer
 
 
@@ -41,6 +42,7 @@ class TokenizeOptions:
     shard_size: Optional[int] = None  # tokens per shard (--shard-size)
     num_shards: Optional[int] = None  # number of shards by input record (--num-shards)
     strict: bool = False
+    allow_empty: bool = False  # --allow-empty: an output without documents is not an error
     progress: Optional[bool] = None  # None: a bar only when stderr is a terminal
     report_skips: int = 5  # how many skipped records to name on stderr
     batch_documents: int = 256
@@ -191,10 +193,19 @@ def tokenize(opts: TokenizeOptions, out: Optional[TextIO] = None, err: Optional[
             for (records, nbytes), (flat, lengths) in pool.map(batches):
                 sink.add(flat, lengths, records)
                 progress.update(len(lengths), int(flat.size), nbytes)
+        if progress.documents + sum(e["documents"] for e in kept) == 0 and not opts.allow_empty:
+            raise no_documents_error(inputs, reader.count, skips, opts.json_key)
         sink.finish(reader.count)
-    except BaseException:
+    except BaseException as exc:
         sink.abort()
         progress.close()
+        if isinstance(exc, PrepError):
+            # A bad input or record stops the run like an interruption: temporary files are gone, the
+            # shards finished so far stay listed under "complete": false (training refuses them), and
+            # the manifest says why. A fixed input (or --json-keys) changes the fingerprint: the re-run
+            # starts over; with --allow-empty nothing changes it, so that re-run just completes.
+            manifest["error"] = str(exc)
+            write_manifest(prefix, manifest)
         raise
     progress.close()
 

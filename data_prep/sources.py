@@ -8,15 +8,15 @@ order given), which is what makes the output independent of the number of worker
 """
 from __future__ import annotations
 
+import collections
 import fnmatch
 import glob as globlib
-import gzip
-import io
 import json
 import os
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Optional, TextIO, Union
+from typing import Iterator, Optional, TextIO, Union
 
+from data_prep.decompress import compression_of, open_binary  # noqa: F401 - open_binary is part of this API
 from data_prep.errors import PrepError
 
 FORMATS = ("auto", "jsonl", "parquet", "text")
@@ -41,17 +41,10 @@ class Skip:
     reason: str  # one of SKIP_REASONS
     where: str  # "file:line" (or "file:row N" for Parquet)
     detail: str
+    keys: tuple[str, ...] = ()  # missing_field on a JSON object: the keys it has (to suggest --json-keys)
 
 
 Record = Union[str, Skip]
-
-
-def _compression(path: str) -> Optional[str]:
-    if path.endswith(".gz"):
-        return "gz"
-    if path.endswith(".zst") or path.endswith(".zstd"):
-        return "zst"
-    return None
 
 
 def _kind(path: str, input_format: str) -> str:
@@ -115,21 +108,8 @@ def discover_inputs(specs: list[str], pattern: Optional[str] = None, input_forma
         if key in seen:  # the same file named twice (e.g. by two globs) is read once
             continue
         seen.add(key)
-        inputs.append(InputFile(p, _kind(p, input_format), _compression(p)))
+        inputs.append(InputFile(p, _kind(p, input_format), compression_of(p)))
     return inputs
-
-
-def open_binary(path: str) -> BinaryIO:
-    """Open a file for reading, decompressing .gz / .zst transparently."""
-    comp = _compression(path)
-    if comp == "gz":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if comp == "zst":
-        import zstandard  # only needed for .zst inputs
-
-        raw = open(path, "rb")
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))  # type: ignore[arg-type]
-    return open(path, "rb")
 
 
 def check_parquet_columns(inputs: list[InputFile], column: str) -> None:
@@ -154,16 +134,36 @@ class SkipCounter:
     def __init__(self, strict: bool, report: int, err: TextIO):
         self.counts = {reason: 0 for reason in SKIP_REASONS}
         self.strict, self.report, self.err = strict, report, err
+        self.keys_seen: collections.Counter[str] = collections.Counter()  # of JSON objects without the key
 
     def add(self, skip: Skip) -> None:
         if self.strict:
             raise PrepError(f"{skip.where}: {skip.reason.replace('_', ' ')}: {skip.detail} (--strict)")
         self.counts[skip.reason] += 1
+        self.keys_seen.update(skip.keys)
         total = sum(self.counts.values())
         if total <= self.report:
             print(f"skipped {skip.where}: {skip.reason}: {skip.detail}", file=self.err)
         elif total == self.report + 1:
             print("(further skipped records are counted, not listed)", file=self.err)
+
+
+def no_documents_error(inputs: list[InputFile], records: int, skips: SkipCounter, key: str) -> PrepError:
+    """Why a run found no document at all: an output or tokenizer made of nothing is almost always a
+    wrong --json-keys or a wrong file, so it is an error (unless --allow-empty) that names the inputs
+    and counts the skips by reason."""
+    names = ", ".join(repr(i.path) for i in inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
+    allow = "or pass --allow-empty if an empty output is expected"
+    if records == 0:
+        return PrepError(f"no documents in {names}: {'it holds' if len(inputs) == 1 else 'they hold'} no records: "
+                         f"check the input, {allow}")
+    counts = ", ".join(f"{reason}: {n}" for reason, n in skips.counts.items() if n)
+    hint, fix = "", "fix the input or the options"
+    if skips.keys_seen:
+        keys = sorted(k for k, _ in skips.keys_seen.most_common(10))
+        hint = f" — --json-keys {key} not found; the records have keys {keys}"
+        fix = "name the text field with --json-keys"
+    return PrepError(f"no documents in {names}: {records} records, all skipped ({counts}{hint}): {fix}, {allow}")
 
 
 class RecordReader:
@@ -222,7 +222,8 @@ class RecordReader:
                     what = ("the line is not a JSON object" if not isinstance(obj, dict)
                             else f"no field {key!r}" if key not in obj
                             else f"field {key!r} is {type(text).__name__}, not a string")
-                    yield Skip("missing_field", f"{path}:{lineno}", what)
+                    yield Skip("missing_field", f"{path}:{lineno}", what,
+                               tuple(obj) if isinstance(obj, dict) and key not in obj else ())
                     continue
                 if not text or text.isspace():
                     yield Skip("empty", f"{path}:{lineno}", f"field {key!r} is empty")

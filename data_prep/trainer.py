@@ -8,15 +8,17 @@ from typing import Iterator, Optional, TextIO
 
 from data_prep.errors import PrepError
 from data_prep.output_dir import prepare_output_dir
-from data_prep.sources import RecordReader, Skip, SkipCounter, check_parquet_columns, discover_inputs
+from data_prep.sources import (RecordReader, Skip, SkipCounter, check_parquet_columns, discover_inputs,
+                               no_documents_error)
 from data_prep.tokenizer import EOD_TOKEN, save_tokenizer, train_bpe
 
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output: str, *, json_key: str = "text",
                     glob: Optional[str] = None, input_format: str = "auto", special_tokens: Optional[list[str]] = None,
-                    min_frequency: int = 2, strict: bool = False, out: Optional[TextIO] = None,
-                    err: Optional[TextIO] = None) -> str:
-    """Train and save; returns the sha256 of the written tokenizer.json."""
+                    min_frequency: int = 2, strict: bool = False, allow_empty: bool = False,
+                    out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> str:
+    """Train and save; returns the sha256 of the written tokenizer.json. No documents at all is an
+    error (nothing is written) unless `allow_empty` (--allow-empty)."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     start = time.perf_counter()
@@ -43,6 +45,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, *, json_key
             yield item
 
     tok = train_bpe(texts(), vocab_size, specials, min_frequency)
+    if docs == 0 and not allow_empty:
+        raise no_documents_error(files, reader.count, skips, json_key)
     digest = save_tokenizer(tok, output)
     skipped = ", ".join(f"{k}={v}" for k, v in skips.counts.items() if v)
     print(f"{output}: byte-level BPE, vocab {tok.get_vocab_size(with_added_tokens=True)} "

@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -90,3 +90,22 @@ def any_rank(flag: bool, group=None) -> bool:
 def all_ranks(flag: bool, group=None) -> bool:
     """True on every rank only if it is true on every rank of `group` (doubles as a barrier)."""
     return bool(reduce_scalars([1.0 if flag else 0.0], "min", group)[0] > 0)
+
+
+def gather_objects(obj: Any, group=None) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order (torch serialises through the current device, which
+    `select_device` set, so this works under NCCL as under gloo)."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0, group=None) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (also a barrier)."""
+    if not (dist.is_initialized() and dist.get_world_size(group) > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

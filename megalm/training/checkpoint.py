@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 # Every name and rule of the run directory lives in megalm/rundir.py (shared with the torch-free
 # launcher); re-exported here for the trainer's callers.
+from megalm.parallel.device import broadcast_object, gather_objects
 from megalm.rundir import (CheckpointError, checkpoint_root, complete_steps, meta_file, parse_tag, prune,
                            publish_checkpoint, read_latest, read_meta, remove_stale_tmp, rng_file, tag_for, tmp_tag_for)
 from megalm.rundir import fsync_tree as _fsync_tree  # a module global: fault drills patch it
@@ -64,8 +65,7 @@ def save_checkpoint(engine: Any, run_dir: str, state: TrainState, meta: dict, ke
         failure = e
     # Instead of a barrier: every rank learns whether any rank's write failed, so none waits forever
     # for a peer that raised (a full disk often hits only the ranks that write the large shards).
-    failures: list = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, _save_failure(failure, root, state.step))
+    failures = gather_objects(_save_failure(failure, root, state.step))
     _raise_first(failures, failure, root, tmp_dir)
     final = os.path.join(root, tag_for(state.step))
     failure = None
@@ -81,8 +81,7 @@ def save_checkpoint(engine: Any, run_dir: str, state: TrainState, meta: dict, ke
             prune(root, keep_last, protect=(tag_for(state.step),))
         except OSError as e:
             failure = e
-    published = [_save_failure(failure, root, state.step)]
-    dist.broadcast_object_list(published, src=0)  # also the closing barrier
+    published = [broadcast_object(_save_failure(failure, root, state.step), src=0)]  # also the closing barrier
     _raise_first(published, failure, root, tmp_dir)
     return final
 
@@ -164,8 +163,7 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
     check_compatible(meta, expected_meta, os.path.join(root, tag))
     # Rank 0 checks every .pt of the step and all ranks raise the same error: a truncated file seen by
     # one rank only (its optimizer shard) would otherwise leave its peers waiting in a collective.
-    problem = [unreadable_file(os.path.join(root, tag), quick=True) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(problem, src=0)
+    problem = [broadcast_object(unreadable_file(os.path.join(root, tag), quick=True) if dist.get_rank() == 0 else None)]
     if problem[0] is not None:
         raise unreadable_checkpoint(root, tag, *problem[0])
     try:
