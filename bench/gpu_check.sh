@@ -152,14 +152,17 @@ train: {micro_batch_size: $MB, global_batch_size: $GB, train_steps: 20, lr: 6.0e
         warmup_steps: 5, weight_decay: 0.1, grad_clip: 1.0, precision: bf16, log_interval: 1,
         eval_interval: 0, save_interval: 0, save_at_end: false, tensorboard: false, run_dir: $WORK/runs/ws1}
 EOF
-  for z in 0 1 3; do
+  # bf16 needs ZeRO>=1 (RunConfig refuses it at ZeRO-0: DeepSpeed's bf16 optimizer is its ZeRO-1 path),
+  # so the ZeRO-0 row checks the fp32 path on the GPU.
+  for zp in 0:fp32 1:bf16 3:bf16; do
+    z=${zp%%:*}; prec=${zp#*:}
     name=ws1-zero$z
     run_step "$name" 120 "$PY" -m megalm.train --config "$WORK/ws1.yaml" parallel.zero_stage=$z \
-      train.run_dir="$WORK/runs/$name" "${PEAK_OVERRIDE[@]}"
+      train.precision=$prec train.run_dir="$WORK/runs/$name" "${PEAK_OVERRIDE[@]}"
     if [ "$RC" = 125 ]; then skipped "a. ws1 ZeRO-$z"; continue; fi
     judge train --check "a. ws1 ZeRO-$z" --run-dir "$WORK/runs/$name" --steps 20 --rc "$RC" \
       --log "$LOGS/$name.log" --limit "$LIMIT_USED" \
-      --covers "megalm-train, 1 GPU, bf16, $( [ "$QUICK" = 1 ] && echo tiny || echo 125m) seq $SEQ, $GB x $SEQ tokens/step"
+      --covers "megalm-train, 1 GPU, $prec, $( [ "$QUICK" = 1 ] && echo tiny || echo 125m) seq $SEQ, $GB x $SEQ tokens/step"
   done
 
   # ---------------------------------------------------------------- b. 1.3b, seq 2048

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import zipfile
 from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm import rundir, runlock
+from megalm.ckpt_files import expected_rank_files, pt_files, zip_problem
 from megalm.rundir import LATEST_FILE, META_FILE, checkpoint_root, tag_for
 
 __all__ = ["CheckpointEntry", "checkpoint_root", "latest_complete_step", "list_checkpoints", "plan_prune", "prune",
@@ -121,34 +121,6 @@ def latest_complete_step(run_dir: str) -> Optional[int]:
 
 # ----------------------------------------------------------------------------------------------- verify
 
-def expected_rank_files(layout: dict) -> list[str]:
-    """File names (relative to the checkpoint directory) that must exist for a layout."""
-    tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
-    zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
-    exact = [rundir.rng_relpath(r) for r in range(world)]
-    if pp == 1 and zero >= 3:
-        exact += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
-    else:  # a pipeline's engine state: one file per (stage, TP rank)
-        exact += [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp * pp)]
-    return exact
-
-
-def _zip_problem(path: str, quick: bool) -> Optional[str]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            if not zf.namelist():
-                return "empty archive"
-            if not quick:
-                bad = zf.testzip()
-                if bad is not None:
-                    return f"CRC mismatch in member {bad}"
-    except zipfile.BadZipFile as e:
-        return f"not a readable torch archive ({e})"
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
-    return None
-
-
 def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
     """Problems with one checkpoint (empty list = good)."""
     if entry.in_progress:
@@ -198,13 +170,10 @@ def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
             short = sorted(k for k, c in layers.items() if c != tp)
             if short:
                 problems.append(f"layer(s) {short} do not have one file per TP rank ({tp})")
-    for dirpath, _, files in os.walk(entry.path):
-        for n in sorted(files):
-            if n.endswith(".pt"):
-                path = os.path.join(dirpath, n)
-                why = _zip_problem(path, quick)
-                if why:
-                    problems.append(f"{os.path.relpath(path, entry.path)}: {why}")
+    for path in pt_files(entry.path):
+        why = zip_problem(path, quick)
+        if why:
+            problems.append(f"{os.path.relpath(path, entry.path)}: {why}")
     return problems
 
 

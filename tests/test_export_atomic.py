@@ -9,16 +9,11 @@ import sys
 import pytest
 
 from tests.harness import run_command
-from tests.train_fixtures import TINY_RUN, write_synthetic_shard
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
-    rd = str(tmp_path_factory.mktemp("run"))
-    run_command([sys.executable, "-m", "megalm.train", "--config", TINY_RUN, f"data.train_paths=[{shard}]",
-                 f"train.run_dir={rd}", "train.train_steps=2"], timeout=300, env={"OMP_NUM_THREADS": "1"}).check()
-    return rd
+def run_dir(tiny_run_dir):
+    return tiny_run_dir
 
 
 def _export(*args: str):

@@ -155,15 +155,16 @@ def test_nodelist_parsing_and_hostfile(tmp_path):
 
 
 def test_launcher_never_imports_torch():
-    # The launcher may import megalm/__init__.py and megalm/rundir.py (both stdlib-only), nothing else of megalm.
+    # The launcher may import megalm/__init__.py and the stdlib-only contract modules (rundir, runlock,
+    # ckpt_files), nothing else of megalm.
     code = ("import sys, launcher.cli, launcher.supervisor, launcher.status, launcher.checkpoints, launcher.sbatch, "
             "launcher.hostfile, launcher.slurm; bad = [m for m in sys.modules if m in ('torch', 'numpy') or m.startswith("
-            "('torch.', 'numpy.', 'deepspeed')) or (m.startswith('megalm') and m not in ('megalm', 'megalm.rundir', 'megalm.runlock'))]; "
+            "('torch.', 'numpy.', 'deepspeed')) or (m.startswith('megalm') and m not in ('megalm', 'megalm.rundir', 'megalm.runlock', 'megalm.ckpt_files'))]; "
             "assert not bad, bad; assert 'megalm.rundir' in sys.modules")
     run_command([sys.executable, "-c", code], timeout=60, env=ENV, cwd=REPO, check=True)
     # and the CLI entry itself
     res = run_command([sys.executable, "-X", "importtime", "-m", "launcher", "ckpt", "list", "--run-dir", REPO],
                       timeout=60, env=ENV, cwd=REPO, check=True)  # an existing dir (a mistyped one exits 2)
     assert not re.search(r"\|\s+(torch|numpy|deepspeed)(\.|\s*$)", res.output, re.M)
-    assert not re.search(r"\|\s+megalm\.(?!(rundir|runlock)\s*$)", res.output, re.M)
+    assert not re.search(r"\|\s+megalm\.(?!(rundir|runlock|ckpt_files)\s*$)", res.output, re.M)
     assert re.search(r"\|\s+megalm\.rundir\s*$", res.output, re.M)

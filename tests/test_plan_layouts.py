@@ -32,6 +32,12 @@ def test_rules_reject_what_config_validation_rejects():
     assert "divisible" in layout_problem(cfg, Layout(1, 1, 3, 0, 1, False), 8)
     assert "node" in layout_problem(cfg, Layout(16, 1, 1, 0, 1, False), 8, gpus_per_node=8)
     assert layout_problem(cfg, Layout(2, 2, 2, 1, 1, False), 8) is None
+    # bf16 at ZeRO-0 is refused by the run config (DeepSpeed's bf16 optimizer is ZeRO-1): never planned.
+    assert "bf16 needs parallel.zero_stage >= 1" in layout_problem(cfg, Layout(2, 2, 2, 0, 1, False), 8)
+    assert layout_problem(cfg, Layout(2, 2, 2, 0, 1, False), 8, precision="fp32") is None
+    assert all(L.zero >= 1 for L in enumerate_layouts(cfg, 4, 16))
+    assert {L.zero for L in enumerate_layouts(cfg, 4, 16, precision="fp32") if L.dp == 1} == {0}
+    assert {L.zero for L in enumerate_layouts(cfg, 4, 16) if L.dp == 1} == {1}
     # tp=8 is impossible for tiny (4 kv heads): never enumerated
     assert all(L.tp <= 4 for L in enumerate_layouts(cfg, 16, 16))
 

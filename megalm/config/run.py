@@ -23,6 +23,17 @@ from .parallel import ParallelConfig
 from .train import TrainConfig
 
 
+def check_precision(precision: str, zero_stage: int) -> None:
+    """The precision x ZeRO rule, shared by the config loader and the planner."""
+    if precision == "bf16" and zero_stage == 0:
+        # DeepSpeed 0.19.8 keeps fp32 master weights and fp32 gradient accumulation for bf16 only in
+        # its ZeRO-1 BF16 optimizer; at ZeRO-0 it refuses that mix (NotImplementedError at start-up)
+        # or, without it, would step bf16 weights directly.
+        raise ConfigError("train.precision: bf16 needs parallel.zero_stage >= 1 (DeepSpeed's bf16 optimizer "
+                          "with fp32 master weights is its ZeRO-1 path); set parallel.zero_stage=1, which at "
+                          "dp=1 uses the same memory as ZeRO-0")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig
@@ -35,13 +46,7 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
-        if self.train.precision == "bf16" and self.parallel.zero_stage == 0:
-            # DeepSpeed 0.19.8 keeps fp32 master weights and fp32 gradient accumulation for bf16 only in
-            # its ZeRO-1 BF16 optimizer; at ZeRO-0 it refuses that mix (NotImplementedError at start-up)
-            # or, without it, would step bf16 weights directly.
-            raise ConfigError("train.precision: bf16 needs parallel.zero_stage >= 1 (DeepSpeed's bf16 optimizer "
-                              "with fp32 master weights is its ZeRO-1 path); set parallel.zero_stage=1, which at "
-                              "dp=1 uses the same memory as ZeRO-0")
+        check_precision(self.train.precision, self.parallel.zero_stage)
 
     def check_launch(self, world_size: int) -> int:
         """Everything that depends on the number of processes, checked before any process group starts.

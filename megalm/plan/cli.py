@@ -31,7 +31,7 @@ class Candidate:
 def plan(cfg: ModelConfig, gpus: int, global_batch: int, seq_len: int, hw: Hardware) -> list[Candidate]:
     """All valid layouts, fitting ones first, each group by predicted step time."""
     out = []
-    for layout in enumerate_layouts(cfg, gpus, global_batch, hw.gpus_per_node):
+    for layout in enumerate_layouts(cfg, gpus, global_batch, hw.gpus_per_node, precision=hw.precision):
         mem = estimate_memory(cfg, layout, seq_len, global_batch, hw)
         out.append(Candidate(layout, mem, estimate_step_time(cfg, layout, seq_len, global_batch, hw), fits(mem, hw)))
     out.sort(key=lambda c: (not c.fits, c.time.total, c.memory.total))

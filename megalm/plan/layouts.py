@@ -8,6 +8,7 @@ from typing import Iterator
 from megalm.config import ConfigError
 from megalm.config.model import ModelConfig
 from megalm.config.parallel import ParallelConfig
+from megalm.config.run import check_precision
 from megalm.config.train import TrainConfig
 
 
@@ -33,7 +34,8 @@ class Layout:
                 f"{' ac' if self.checkpointing else ''}")
 
 
-def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_per_node: int = 8) -> str | None:
+def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_per_node: int = 8,
+                   precision: str = "bf16") -> str | None:
     """Why `layout` is invalid, or None. The same checks the config loader and engine apply."""
     if layout.tp > gpus_per_node:
         return f"tp={layout.tp} spans more than one node ({gpus_per_node} GPUs)"
@@ -42,6 +44,7 @@ def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_p
         ParallelConfig(tp=layout.tp, pp=layout.pp, zero_stage=layout.zero).validate()  # type: ignore[arg-type]
         batch = TrainConfig(micro_batch_size=layout.micro_batch, global_batch_size=global_batch)
         batch.gradient_accumulation_steps(layout.dp)
+        check_precision(precision, layout.zero)
     except ConfigError as e:
         return str(e)
     return None
@@ -56,19 +59,19 @@ def _powers_of_two(limit: int) -> list[int]:
 
 
 def enumerate_layouts(model: ModelConfig, gpus: int, global_batch: int, gpus_per_node: int = 8,
-                      max_micro_batch: int = 16) -> Iterator[Layout]:
-    """Every valid layout using exactly `gpus` GPUs. ZeRO > 0 only with dp > 1 (at dp=1 it partitions
-    nothing); micro batches are powers of two."""
+                      max_micro_batch: int = 16, precision: str = "bf16") -> Iterator[Layout]:
+    """Every valid layout using exactly `gpus` GPUs. At dp=1 ZeRO partitions nothing: only the stage
+    the precision needs is listed there (1 for bf16, else 0); micro batches are powers of two."""
     for tp in _powers_of_two(min(gpus_per_node, gpus)):
         for pp in range(1, model.num_layers + 1):
             if gpus % (tp * pp):
                 continue
             dp = gpus // (tp * pp)
             for zero in (0, 1, 2, 3):
-                if zero > 0 and dp == 1:
+                if dp == 1 and zero != (1 if precision == "bf16" else 0):
                     continue
                 for mb in _powers_of_two(min(max_micro_batch, max(1, global_batch // dp))):
                     for ac in (False, True):
                         layout = Layout(tp, pp, dp, zero, mb, ac)
-                        if layout_problem(model, layout, global_batch, gpus_per_node) is None:
+                        if layout_problem(model, layout, global_batch, gpus_per_node, precision) is None:
                             yield layout

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 # Every name and rule of the run directory lives in megalm/rundir.py (shared with the torch-free
 # launcher); re-exported here for the trainer's callers.
+from megalm.ckpt_files import first_problem
 from megalm.parallel.device import broadcast_object, gather_objects
 from megalm.rundir import (CheckpointError, checkpoint_root, complete_steps, meta_file, parse_tag, prune,
                            publish_checkpoint, read_latest, read_meta, remove_stale_tmp, rng_file, tag_for, tmp_tag_for)
@@ -163,14 +163,15 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
     check_compatible(meta, expected_meta, os.path.join(root, tag))
     # Rank 0 checks every .pt of the step and all ranks raise the same error: a truncated file seen by
     # one rank only (its optimizer shard) would otherwise leave its peers waiting in a collective.
-    problem = [broadcast_object(unreadable_file(os.path.join(root, tag), quick=True) if dist.get_rank() == 0 else None)]
+    problem = [broadcast_object(first_problem(os.path.join(root, tag), meta["layout"], quick=True)
+                                if dist.get_rank() == 0 else None)]
     if problem[0] is not None:
         raise unreadable_checkpoint(root, tag, *problem[0])
     try:
         load_path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
     except RuntimeError:  # torch's "PytorchStreamReader failed ...": find and name the file (CRCs too)
-        found = unreadable_file(os.path.join(root, tag), quick=False)
+        found = first_problem(os.path.join(root, tag), meta["layout"], quick=False)
         if found is None:
             raise
         raise unreadable_checkpoint(root, tag, *found) from None
@@ -181,27 +182,6 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
         torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
     return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
                       skipped_steps=meta.get("skipped_steps", 0))
-
-
-def unreadable_file(ckpt_dir: str, quick: bool) -> Optional[tuple[str, str]]:
-    """(path, why) of the first `.pt` under a step directory that is no readable torch archive (torch
-    saves zip files): its central directory must parse and, unless `quick`, every member's CRC match.
-    Quick reads only each file's tail, cheap enough before every resume."""
-    for dirpath, _, names in sorted(os.walk(ckpt_dir)):
-        for name in sorted(n for n in names if n.endswith(".pt")):
-            path = os.path.join(dirpath, name)
-            try:
-                with zipfile.ZipFile(path) as zf:
-                    if not zf.namelist():
-                        return path, "empty archive"
-                    bad = None if quick else zf.testzip()
-                    if bad is not None:
-                        return path, f"CRC mismatch in member {bad}"
-            except zipfile.BadZipFile:
-                return path, "truncated zip: no central directory"
-            except (OSError, EOFError) as e:
-                return path, f"cannot read it: {getattr(e, 'strerror', None) or e}"
-    return None
 
 
 def unreadable_checkpoint(root: str, tag: str, path: str, why: str) -> CheckpointError:
@@ -215,4 +195,4 @@ def unreadable_checkpoint(root: str, tag: str, path: str, why: str) -> Checkpoin
                f"or delete the bad step {bad_dir}")
     else:
         fix = f"no complete earlier step; restore the file, or delete {bad_dir} and start the run over"
-    return CheckpointError(f"checkpoint {path} is unreadable ({why}): {fix}")
+    return CheckpointError(f"checkpoint file {path}: {why}: {fix}")

@@ -1,0 +1,69 @@
+"""Which files one saved step must hold, and whether they are readable: the one definition.
+
+Used before every resume (rank 0, so that all ranks raise the same error instead of one rank's
+DeepSpeed loader asserting while its peers wait in a collective), by `megalm-launch ckpt verify`, and
+by the tools. Standard library only: the launcher imports it and must stay torch-free.
+
+torch saves zip archives; a readable one has a central directory (its last bytes) and, when checked
+fully, members whose CRCs match. The quick check reads only each file's tail.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Optional
+
+from megalm import rundir
+
+
+def expected_rank_files(layout: dict) -> list[str]:
+    """File names (relative to the step directory) that must exist for a layout (megalm.json's
+    `layout`): one rng file per rank, and DeepSpeed's model-state files (one per data-parallel rank ×
+    TP rank under ZeRO-3 at pp=1, else one per pipeline stage × TP rank)."""
+    tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
+    zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
+    exact = [rundir.rng_relpath(r) for r in range(world)]
+    if pp == 1 and zero >= 3:
+        exact += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
+    else:
+        exact += [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp * pp)]
+    return exact
+
+
+def zip_problem(path: str, quick: bool) -> Optional[str]:
+    """Why the torch archive at `path` cannot be read, or None when it can."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            if not zf.namelist():
+                return "empty archive"
+            bad = None if quick else zf.testzip()
+            if bad is not None:
+                return f"CRC mismatch in member {bad}"
+    except zipfile.BadZipFile:
+        return "truncated zip: no central directory"
+    except (OSError, EOFError) as e:
+        return f"cannot read it: {getattr(e, 'strerror', None) or e}"
+    return None
+
+
+def first_problem(ckpt_dir: str, layout: Optional[dict], quick: bool) -> Optional[tuple[str, str]]:
+    """(path, why) of the first missing or unreadable file of a step directory, or None. `layout`
+    (megalm.json's) names the files that must exist; without it only the present `.pt` files are read."""
+    if layout is not None:
+        for rel in expected_rank_files(layout):
+            path = os.path.join(ckpt_dir, rel)
+            if not os.path.isfile(path):
+                return path, "missing (the save did not write it, or it was deleted)"
+    for path in pt_files(ckpt_dir):
+        why = zip_problem(path, quick)
+        if why is not None:
+            return path, why
+    return None
+
+
+def pt_files(ckpt_dir: str) -> list[str]:
+    """Every `.pt` under a step directory, in a stable order."""
+    found = []
+    for dirpath, _, names in sorted(os.walk(ckpt_dir)):
+        found += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith(".pt")]
+    return found
