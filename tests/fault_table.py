@@ -33,7 +33,7 @@ class DrillCase:
     name: str
     cli: str
     argv: tuple[str, ...]
-    setup: str  # key into test_fault_drill.SETUPS ("" for none)
+    setup: str  # comma-separated keys into test_fault_drill.SETUPS ("" for none)
     outcome: str
     error: str  # regex the error output must match
     exit_code: int = 2
@@ -53,9 +53,9 @@ FAULT_CASES = [
     FaultCase("truncated shard `.bin`, world size 2", "clear error",
               "one `megalm-train: data error:` line, exit 2 on every rank",
               ("test_train_user_errors.py::test_corrupt_shard_is_one_line_at_world_size_2",)),
-    FaultCase("truncated or deleted checkpoint file on `--resume auto`", "clear error",
+    FaultCase("truncated checkpoint file on `--resume auto`, world size 2", "clear error",
               "names the file and the complete earlier steps; no silent fall-back",
-              ("test_train_user_errors.py::test_truncated_or_missing_checkpoint_file_names_it_and_earlier_steps",)),
+              ("test_train_user_errors.py::test_truncated_checkpoint_names_file_and_earlier_steps",)),
     FaultCase("disk full during a save (4 MiB tmpfs)", "clear error",
               "`no space left on <path>`; previous checkpoint and `latest` intact",
               ("test_train_user_errors.py::test_disk_full_during_save_names_the_path_and_keeps_previous",)),
@@ -154,6 +154,9 @@ DRILL = [
     DrillCase("train: --resume of a step that does not exist", "megalm-train",
               (*TRAIN, "train.run_dir={run}", "--resume", "step_00000009"), "config", "refused",
               r"step_00000009 is not a complete checkpoint .*complete steps: \[2, 4\]"),
+    DrillCase("train: --resume auto with a deleted checkpoint file", "megalm-train",
+              (*TRAIN, "train.run_dir={tmp}/run", "--resume", "auto"), "config,run_missing_file", "clear error",
+              r"checkpoint file .*step_00000004/mp_rank_00_model_states\.pt: missing .*complete earlier steps: \[2\]"),
     DrillCase("train: a shard with a foreign magic", "megalm-train", (*TRAIN, "data.train_paths=[{tmp}/bad]"),
               "config,bad_magic_shard", "clear error", r"data error: .*bad\.idx: not an MMIDIDX index"),
     DrillCase("eval: mistyped checkpoint path", "megalm-eval", ("--checkpoint", "{run}x"), "", "clear error",

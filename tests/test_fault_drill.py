@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import sys
@@ -18,28 +19,31 @@ from tests.harness import run_command
 from tests.train_fixtures import TINY_RUN, write_synthetic_shard
 
 
-def _jsonl(tmp: str) -> None:
+def _jsonl(tmp: str, run_dir: str) -> None:
     with open(os.path.join(tmp, "a.jsonl"), "w") as f:
         f.write(json.dumps({"text": "hello world"}) + "\n")
 
 
-def _bad_tokenizer(tmp: str) -> None:
+def _bad_tokenizer(tmp: str, run_dir: str) -> None:
     with open(os.path.join(tmp, "tokenizer.json"), "w") as f:
         f.write("{bad")
 
 
-def _random_jsonl(tmp: str) -> None:
+def _random_jsonl(tmp: str, run_dir: str) -> None:
+    # Seeded, so every run feeds the same bytes: ten lines that are not UTF-8 (each starts with 0xff).
+    rng = random.Random(0)
     with open(os.path.join(tmp, "random.jsonl"), "wb") as f:
-        f.write(os.urandom(3000).replace(b"\n", b"\xff") + b"\n" + os.urandom(200) + b"\n")
+        for _ in range(10):
+            f.write(b"\xff" + rng.randbytes(300).replace(b"\n", b"\xff") + b"\n")
 
 
-def _bad_magic_shard(tmp: str) -> None:
+def _bad_magic_shard(tmp: str, run_dir: str) -> None:
     prefix = write_synthetic_shard(os.path.join(tmp, "bad"), documents=20)
     with open(prefix + ".idx", "r+b") as f:
         f.write(b"XXXXXXXXX")
 
 
-def _config(tmp: str) -> None:
+def _config(tmp: str, run_dir: str) -> None:
     # The tiny run config with a shard that exists (rows override what they break).
     shard = write_synthetic_shard(os.path.join(tmp, "good"), documents=50)
     text = open(TINY_RUN).read().replace("data/tiny/tokens", shard).replace("runs/tiny", os.path.join(tmp, "r"))
@@ -47,22 +51,30 @@ def _config(tmp: str) -> None:
         f.write(text)
 
 
-def _bad_yaml(tmp: str) -> None:
+def _bad_yaml(tmp: str, run_dir: str) -> None:
     with open(os.path.join(tmp, "run.yaml"), "w") as f:
         f.write("model: {name: tiny\n")
+
+
+def _run_missing_file(tmp: str, run_dir: str) -> None:
+    # A copy of the shared run whose newest step lost its model file (DeepSpeed's loader would assert).
+    shutil.copytree(run_dir, os.path.join(tmp, "run"))
+    os.remove(os.path.join(tmp, "run", "checkpoints", "step_00000004", "mp_rank_00_model_states.pt"))
 
 
 SETUPS = {
     "jsonl": _jsonl,
     "bad_tokenizer": _bad_tokenizer,
-    "empty_dir": lambda tmp: os.makedirs(os.path.join(tmp, "empty_dir")),
+    "empty_dir": lambda tmp, run_dir: os.makedirs(os.path.join(tmp, "empty_dir")),
     "random_jsonl": _random_jsonl,
     "bad_magic_shard": _bad_magic_shard,
     "config": _config,
     "bad_yaml": _bad_yaml,
+    "run_missing_file": _run_missing_file,
 }
 # Rows that get past megalm-train's config checks start a process group: keep it out of pytest's process.
-IN_SUBPROCESS = {"train: --resume of a step that does not exist", "train: a shard with a foreign magic"}
+IN_SUBPROCESS = {"train: --resume of a step that does not exist", "train: a shard with a foreign magic",
+                 "train: --resume auto with a deleted checkpoint file"}
 
 
 def _console_main(name: str):
@@ -93,7 +105,7 @@ def _run_subprocess(target: str, argv: list[str]) -> tuple[int, str]:
 def test_bad_input(row: DrillCase, tiny_run_dir, tmp_path, capfd):
     tmp = str(tmp_path)
     for name in filter(None, row.setup.split(",")):
-        SETUPS[name](tmp)
+        SETUPS[name](tmp, tiny_run_dir)
     argv = [a.format(tmp=tmp, run=tiny_run_dir) for a in row.argv]
     before = sorted(os.listdir(tiny_run_dir))
     target = _console_main(row.cli)

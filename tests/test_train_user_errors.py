@@ -41,7 +41,7 @@ def test_corrupt_shard_is_one_line_at_world_size_2(shard, tmp_path):
     assert f"{bad}.bin" in line and "truncated or corrupt" in line and "megalm-prep" in line
 
 
-def test_truncated_or_missing_checkpoint_file_names_it_and_earlier_steps(shard, tmp_path):
+def test_truncated_checkpoint_names_file_and_earlier_steps(shard, tmp_path):
     run_dir = str(tmp_path / "r")
     _train(shard, run_dir, "train.save_interval=4", nproc=2).check()
     root = checkpoint_root(run_dir)
@@ -53,10 +53,6 @@ def test_truncated_or_missing_checkpoint_file_names_it_and_earlier_steps(shard, 
     assert bad in line and "truncated" in line, line
     assert "complete earlier steps: [4]" in line and "--resume step_00000004" in line, line
     assert "resumed from step" not in res.output  # never a silent fallback to step 4
-    # A deleted file (DeepSpeed's loader would assert with no name) gets the same treatment.
-    os.remove(bad)
-    line = _one_clean_error(_train(shard, run_dir, "--resume", "auto", "train.train_steps=10", nproc=2))
-    assert bad in line and "missing" in line and "complete earlier steps: [4]" in line, line
 
 
 def _mount_tmpfs(path: str, size: str) -> bool:
