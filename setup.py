@@ -24,12 +24,18 @@ setup(
     description="3D-parallel (TP x PP x DP/ZeRO) training of Llama-style decoders on DeepSpeed",
     packages=find_packages(include=["megalm", "megalm.*", "data_prep", "data_prep.*", "launcher", "launcher.*"]),
     # The named model shapes (`model: tiny`, ... `70b`) are read at run time, so they ship with the code.
-    package_data={"launcher": ["templates/*.tmpl"], "megalm.config": ["models/*.yaml"]},
+    # The shipped lm-eval tasks (`megalm-eval --tasks`) are YAML + JSONL files read at run time too.
+    package_data={"launcher": ["templates/*.tmpl"], "megalm.config": ["models/*.yaml"],
+                  "megalm.eval": ["tasks/*.yaml", "tasks/*.jsonl"]},
     python_requires=">=3.10",
     install_requires=RUNTIME,
     extras_require={
         "mpi": ["mpich==5.0.2", "mpi4py==4.1.2"],
-        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "transformers==5.23.0"],
+        # `megalm-eval --tasks`: task scoring through lm-evaluation-harness
+        "tasks": ["lm-eval==0.4.13"],
+        # transformers builds the HF test models; accelerate + peft are what lm-eval's own `hf` model needs
+        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "transformers==5.23.0", "accelerate==1.15.0",
+                 "peft==0.21.2"],
     },
     entry_points={
         "console_scripts": [
@@ -40,6 +46,7 @@ setup(
             "megalm-generate=megalm.eval.generate:main",
             "megalm-export=megalm.export.hf:main",
             "megalm-reshard=megalm.export.reshard:main",
+            "megalm-import=megalm.export.hf_import:main",
             "megalm-plan=megalm.plan.cli:main",
         ]
     },

@@ -33,6 +33,12 @@ bad records:
 damaged inputs:
   a .gz/.zst input that is truncated, corrupt or not in that format stops the run (exit 2, naming the
   file); the manifest keeps "complete": false and the error. A re-run after fixing the input starts over.
+fine-tuning data (--sft --seq-len N):
+  JSONL records {"prompt": ..., "response": ...} or {"messages": [{"role": "system|user|assistant",
+  "content": ...}, ...]}, told apart per record. Each record becomes one document of exactly N tokens
+  (cut after N, padded with the EOD id) plus PREFIX.loss_mask.bin/.idx (uint8, 1 = trained: the response
+  or assistant turns and their EOD). Skipped and counted besides the above: unknown_role,
+  no_assistant_turn, prompt_too_long (nothing of the response fits in N). Train with data.seq_len=N.
 interrupts:
   SIGINT (Ctrl-C, or to the main process alone) and SIGTERM end the workers and exit 130 / 143, leaving
   only complete shards; re-run the same command to continue.
@@ -43,7 +49,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="files, quoted globs ('data/*.jsonl.gz') or directories (text trees: one document per "
                         "file; __pycache__, site-packages and hidden directories are not walked)")
-    p.add_argument("--json-keys", "--column", dest="json_keys", nargs="+", default=["text"], metavar="KEY",
+    p.add_argument("--json-keys", "--column", dest="json_keys", nargs="+", default=None, metavar="KEY",
                    help="JSONL field / Parquet column holding the text (default: text)")
     p.add_argument("--glob", default=None, metavar="PATTERN",
                    help="only files under input directories whose name (or relative path, if the pattern "
@@ -68,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--special-tokens", nargs="*", default=None, metavar="TOKEN",
                    help="special tokens (default and always included: <|endoftext|>)")
     p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--split-digits", action="store_true",
+                   help="one token per digit, as Llama's tokenizer does (numbers are never merged; arithmetic "
+                        "and comparisons then generalise across numbers)")
 
     p = sub.add_parser("tokenize", help="tokenize corpora into .bin/.idx shards", epilog=TOKENIZE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start a new shard once one holds this many tokens")
     group.add_argument("--num-shards", type=int, default=None, metavar="K",
                        help="K shards with equal numbers of input records")
+    p.add_argument("--sft", action="store_true",
+                   help="fine-tuning data: prompt/response or chat-messages JSONL records -> one padded sample of "
+                        "--seq-len tokens per record plus a loss mask (prompt tokens are never trained on)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="with --sft: tokens per record, the training run's data.seq_len")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--progress", dest="progress", action="store_true", default=None,
                      help="always draw the progress bar (default: only on a terminal)")
@@ -109,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _single_key(keys: list[str]) -> str:
+def _single_key(keys: Optional[list[str]]) -> str:
+    keys = keys or ["text"]
     if len(keys) != 1:
         raise PrepError(f"--json-keys {' '.join(keys)}: give one key; megalm-prep writes one dataset per run "
                         f"(Megatron's preprocess_data.py writes one per key: run once per key)")
@@ -122,15 +137,19 @@ def run(args: argparse.Namespace) -> None:
 
         train_tokenizer(args.input, args.vocab_size, args.output, json_key=_single_key(args.json_keys),
                         glob=args.glob, input_format=args.input_format, special_tokens=args.special_tokens,
-                        min_frequency=args.min_frequency, strict=args.strict, allow_empty=args.allow_empty)
+                        min_frequency=args.min_frequency, strict=args.strict, allow_empty=args.allow_empty,
+                        split_digits=args.split_digits)
     elif args.command == "tokenize":
         from data_prep.pipeline import TokenizeOptions, tokenize
 
+        if args.sft and args.json_keys is not None:
+            raise PrepError("--json-keys does not apply to --sft: its records are {prompt, response} or {messages}")
         tokenize(TokenizeOptions(
             inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix,
             json_key=_single_key(args.json_keys), workers=args.workers, append_eod=args.append_eod,
             eod_token=args.eod_token, glob=args.glob, input_format=args.input_format, shard_size=args.shard_size,
-            num_shards=args.num_shards, strict=args.strict, allow_empty=args.allow_empty, progress=args.progress))
+            num_shards=args.num_shards, strict=args.strict, allow_empty=args.allow_empty, progress=args.progress,
+            sft=args.sft, seq_len=args.seq_len))
     elif args.command == "inspect":
         from data_prep.inspection import inspect_output
 

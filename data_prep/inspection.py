@@ -46,7 +46,7 @@ def inspect_output(prefix: str, tokenizer: Optional[str] = None, sample: int = 0
     if manifest is not None:
         stats["manifest"] = {"complete": manifest.get("complete"), "skipped": manifest.get("skipped"),
                              "tokenizer_sha256": manifest.get("tokenizer", {}).get("sha256"),
-                             "inputs": len(manifest.get("inputs", []))}
+                             "inputs": len(manifest.get("inputs", [])), "sft": manifest.get("sft")}
         if tokenizer is None:
             recorded = manifest.get("tokenizer", {}).get("path")
             tokenizer = recorded if recorded and os.path.isfile(recorded) else None
@@ -85,6 +85,11 @@ def inspect_output(prefix: str, tokenizer: Optional[str] = None, sample: int = 0
         skipped = ", ".join(f"{k}={v}" for k, v in (m["skipped"] or {}).items()) or "none"
         print(f"manifest: {'complete' if m['complete'] else 'INCOMPLETE'}, {m['inputs']} input file(s), "
               f"skipped: {skipped}, tokenizer sha256 {str(m['tokenizer_sha256'])[:16]}", file=out)
+        if m["sft"]:
+            f = m["sft"]
+            print(f"fine-tuning data: {f['layout']} to {f['seq_len']} tokens per record, template "
+                  f"{f['template']['name']}, {f.get('target_tokens')} target tokens (loss mask beside each shard), "
+                  f"{f.get('truncated')} truncated", file=out)
     if stats["sample"]:
         s = stats["sample"]
         print(f"--- document {s['document']} ({s['tokens']} tokens){', truncated' if s['truncated'] else ''} ---",

@@ -3,6 +3,14 @@
 The manifest is rewritten atomically after every finished shard with "complete": false, and once more
 with "complete": true at the end. A re-run with the same fingerprint (same input bytes, tokenizer and
 output-shaping options) keeps every listed shard that still verifies and redoes the rest.
+
+Fine-tuning outputs (`tokenize --sft`, data_prep/sft.py) add:
+    "sft"        {"layout": "padded", "seq_len", "pad_id", "eod_id", "eod_token", "template" (the rendering
+                 of prompt/response and chat records), "loss_mask" and "packing" (what they mean),
+                 "truncated" and "target_tokens" (totals)}
+    per shard    "loss_mask": {"name", "bin_bytes", "idx_sha256", "target_tokens"} (the uint8 mask shard
+                 beside it, checked on resume like the shard) and "sft_counts" (records of its range
+                 skipped as prompt_too_long or truncated, so a resumed run keeps exact totals)
 """
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ import os
 from typing import Any, Optional
 
 from data_prep.mmidx import ShardFormatError, data_path, index_path, read_index_header
-from data_prep.shards import manifest_path
+from data_prep.sft import LOSS_MASK_DTYPE
+from data_prep.shards import loss_mask_prefix, manifest_path
 from data_prep.tokenizer import file_sha256
 
 MANIFEST_FORMAT = "megalm-prep-manifest"
@@ -75,4 +84,8 @@ def shard_problem(shard_prefix: str, entry: dict[str, Any], dtype: str) -> Optio
         return f"{data_path(shard_prefix)}: {size} bytes, manifest says {entry['bin_bytes']}"
     if file_sha256(idx) != entry["idx_sha256"]:
         return f"{idx}: contents differ from the manifest's hash"
+    mask = entry.get("loss_mask")
+    if mask:  # fine-tuning data: its loss mask is part of the shard
+        return shard_problem(loss_mask_prefix(shard_prefix), {**mask, "documents": entry["documents"]},
+                             str(LOSS_MASK_DTYPE))
     return None

@@ -4,7 +4,9 @@ Documents keep their order: inputs in the order given, each input's shards in ma
 result is written through ShardWriter (temporary names, renamed when complete) in bounded chunks, so
 merging shards larger than memory works. An input whose manifest says it is incomplete is refused (the
 one expansion rule, data_prep.shards) and there is no override: the merged output is marked complete,
-so merging a half-written input would pass it off as whole.
+so merging a half-written input would pass it off as whole. Fine-tuning outputs (a loss mask beside
+each shard) are refused: the merged shard would lose the masks and train on prompts; list the outputs
+in data.train_paths instead, which blends them.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from data_prep.errors import PrepError
 from data_prep.manifest import MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_NAMING, load_manifest, write_manifest
 from data_prep.mmidx import CODE_OF_DTYPE, Shard, ShardFormatError, ShardWriter, data_path, index_path
 from data_prep.output_dir import prepare_output_dir
-from data_prep.shards import expand_shard_path
+from data_prep.shards import expand_shard_path, loss_mask_of
 from data_prep.tokenizer import file_sha256
 
 CHUNK_TOKENS = 1 << 24
@@ -49,6 +51,10 @@ def merge(inputs: list[str], output_prefix: str, out: Optional[TextIO] = None) -
             parts = [Shard(p) for p in expand_shard_path(prefix)]
         except ShardFormatError as exc:
             raise PrepError(str(exc)) from None
+        masked = [p.prefix for p in parts if loss_mask_of(p.prefix) is not None]
+        if masked:
+            raise PrepError(f"merge: {masked[0]} is fine-tuning data with a loss mask, which merge does not carry; "
+                            f"list the outputs in data.train_paths instead (training blends them)")
         if any(os.path.abspath(p.prefix) == out_abs for p in parts):
             raise PrepError(f"--output-prefix {output_prefix!r} is also an input; merge into a new prefix")
         manifest = load_manifest(prefix)

@@ -44,7 +44,14 @@ class Skip:
     keys: tuple[str, ...] = ()  # missing_field on a JSON object: the keys it has (to suggest --json-keys)
 
 
-Record = Union[str, Skip]
+@dataclass(frozen=True)
+class JsonObject:
+    """A whole JSONL record (RecordReader with whole_objects=True: fine-tuning data, data_prep/sft.py)."""
+    value: dict
+    where: str  # "file:line"
+
+
+Record = Union[str, Skip, JsonObject]
 
 
 def _kind(path: str, input_format: str) -> str:
@@ -131,8 +138,8 @@ def check_parquet_columns(inputs: list[InputFile], column: str) -> None:
 class SkipCounter:
     """Counts skipped records by reason, names the first few on stderr, and enforces --strict."""
 
-    def __init__(self, strict: bool, report: int, err: TextIO):
-        self.counts = {reason: 0 for reason in SKIP_REASONS}
+    def __init__(self, strict: bool, report: int, err: TextIO, reasons: tuple[str, ...] = SKIP_REASONS):
+        self.counts = {reason: 0 for reason in reasons}
         self.strict, self.report, self.err = strict, report, err
         self.keys_seen: collections.Counter[str] = collections.Counter()  # of JSON objects without the key
 
@@ -167,11 +174,13 @@ def no_documents_error(inputs: list[InputFile], records: int, skips: SkipCounter
 
 
 class RecordReader:
-    """Reads the records of all inputs in order. `bytes_read` (uncompressed) feeds the MB/s figure."""
+    """Reads the records of all inputs in order. `bytes_read` (uncompressed) feeds the MB/s figure.
+    `whole_objects=True` (JSONL only) yields each JSON object as a JsonObject instead of its `key` field."""
 
-    def __init__(self, inputs: list[InputFile], key: str = "text"):
+    def __init__(self, inputs: list[InputFile], key: str = "text", whole_objects: bool = False):
         self.inputs = inputs
         self.key = key
+        self.whole_objects = whole_objects
         self.bytes_read = 0
         self.count = 0  # records yielded so far
 
@@ -216,6 +225,10 @@ class RecordReader:
                     obj = json.loads(line)
                 except ValueError as exc:
                     yield Skip("malformed_json", f"{path}:{lineno}", f"invalid JSON: {exc}")
+                    continue
+                if self.whole_objects:
+                    yield (JsonObject(obj, f"{path}:{lineno}") if isinstance(obj, dict) else
+                           Skip("missing_field", f"{path}:{lineno}", "the line is not a JSON object"))
                     continue
                 text = obj.get(key) if isinstance(obj, dict) else None
                 if not isinstance(text, str):

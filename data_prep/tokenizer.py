@@ -50,11 +50,16 @@ def load_tokenizer(path: str) -> LoadedTokenizer:
     return LoadedTokenizer(tok, path, file_sha256(path), tok.get_vocab_size(with_added_tokens=True))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2) -> Tokenizer:
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str], min_frequency: int = 2,
+              split_digits: bool = False) -> Tokenizer:
     """A GPT-2-style byte-level BPE: every byte is in the initial alphabet, so any UTF-8 text encodes
-    without unknown tokens, and decode(encode(text)) == text."""
+    without unknown tokens, and decode(encode(text)) == text. `split_digits` isolates every digit before
+    the byte-level split (Llama's choice), so no merge ever spans two digits; such a tokenizer takes
+    the tokenizers library's path in data_prep (fast_bpe supports the plain GPT-2 set-up only)."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -15,7 +15,7 @@ from data_prep.tokenizer import EOD_TOKEN, save_tokenizer, train_bpe
 
 def train_tokenizer(inputs: list[str], vocab_size: int, output: str, *, json_key: str = "text",
                     glob: Optional[str] = None, input_format: str = "auto", special_tokens: Optional[list[str]] = None,
-                    min_frequency: int = 2, strict: bool = False, allow_empty: bool = False,
+                    min_frequency: int = 2, strict: bool = False, allow_empty: bool = False, split_digits: bool = False,
                     out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> str:
     """Train and save; returns the sha256 of the written tokenizer.json. No documents at all is an
     error (nothing is written) unless `allow_empty` (--allow-empty)."""
@@ -44,12 +44,12 @@ def train_tokenizer(inputs: list[str], vocab_size: int, output: str, *, json_key
             docs += 1
             yield item
 
-    tok = train_bpe(texts(), vocab_size, specials, min_frequency)
+    tok = train_bpe(texts(), vocab_size, specials, min_frequency, split_digits)
     if docs == 0 and not allow_empty:
         raise no_documents_error(files, reader.count, skips, json_key)
     digest = save_tokenizer(tok, output)
     skipped = ", ".join(f"{k}={v}" for k, v in skips.counts.items() if v)
-    print(f"{output}: byte-level BPE, vocab {tok.get_vocab_size(with_added_tokens=True)} "
+    print(f"{output}: byte-level BPE{' (digits split)' if split_digits else ''}, vocab {tok.get_vocab_size(with_added_tokens=True)} "
           f"(special tokens: {' '.join(specials)}), trained on {docs} documents / "
           f"{reader.bytes_read / 1e6:.1f} MB from {len(files)} file(s) in {time.perf_counter() - start:.1f} s"
           f"{f'; skipped {skipped}' if skipped else ''}; sha256 {digest[:16]}", file=out)

@@ -6,6 +6,7 @@ had: two step regexes, two prune rules). Layout of RUN_DIR (= train.run_dir):
 
     .lock                             held by the running trainer's rank 0 (megalm/runlock.py)
     config.yaml                       the resolved run config (rank 0 at start)
+    tokenizer.json                    an imported model's tokenizer (`megalm-import`; its data.tokenizer)
     metrics.jsonl                     one JSON line per logged step ({"kind": "train"|"valid", "step", ...})
     heartbeat.json                    rewritten by rank 0 every step: the supervisor's evidence of progress
     tensorboard/                      training scalars
@@ -13,6 +14,7 @@ had: two step regexes, two prune rules). Layout of RUN_DIR (= train.run_dir):
     restarts.jsonl                    the restart supervisor's events (`megalm-launch run`)
     slurm/job.sbatch, jobs.txt, job-<id>.out, attempts.jsonl, hostfile-<id>   SLURM submission, attempts
     eval/step_NNNNNNNN.json, eval/tensorboard/                     `megalm-eval` results
+    eval/tasks_step_NNNNNNNN.json                                  `megalm-eval --tasks` results (lm-eval)
     checkpoints/
         latest                        names the newest complete step directory, replaced atomically
         step_NNNNNNNN/                a complete checkpoint: DeepSpeed's files, rng/rankNNNNN.pt, megalm.json
@@ -36,6 +38,7 @@ from typing import Iterable, Optional
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"  # the tokenizer `megalm-import` copies in (its config's data.tokenizer)
 METRICS_FILE = "metrics.jsonl"
 HEARTBEAT_FILE = "heartbeat.json"
 TENSORBOARD_DIR = "tensorboard"
@@ -48,6 +51,7 @@ SLURM_OUTPUT_PATTERN = "job-%j.out"  # sbatch expands %j to the job id
 SLURM_ATTEMPTS_FILE = "attempts.jsonl"
 SLURM_HOSTFILE_PREFIX = "hostfile-"
 EVAL_DIR = "eval"
+EVAL_TASKS_PREFIX = "tasks_"  # eval/tasks_step_N.json: task scores, kept apart from the perplexity result
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "megalm.json"
@@ -108,6 +112,10 @@ def lock_file(run_dir: str) -> str:
 
 def config_file(run_dir: str) -> str:
     return os.path.join(run_dir, CONFIG_FILE)
+
+
+def tokenizer_file(run_dir: str) -> str:
+    return os.path.join(run_dir, TOKENIZER_FILE)
 
 
 def metrics_file(run_dir: str) -> str:
@@ -176,6 +184,10 @@ def eval_dir(run_dir: str) -> str:
 
 def eval_result_file(run_dir: str, step: int) -> str:
     return os.path.join(eval_dir(run_dir), tag_for(step) + ".json")
+
+
+def eval_tasks_result_file(run_dir: str, step: int) -> str:
+    return os.path.join(eval_dir(run_dir), EVAL_TASKS_PREFIX + tag_for(step) + ".json")
 
 
 def eval_tensorboard_dir(run_dir: str) -> str:

@@ -84,7 +84,7 @@ def parse_idx(path: str) -> dict[str, Any]:
 
 def read_docs(prefixes: list[str]) -> list[list[int]]:
     """All documents of the given shards, in order, decoded with the independent parser."""
-    dtypes = {8: "<u2", 4: "<i4"}
+    dtypes = {8: "<u2", 4: "<i4", 1: "u1"}  # uint8: loss masks of fine-tuning outputs
     out = []
     for prefix in prefixes:
         idx = parse_idx(prefix + ".idx")

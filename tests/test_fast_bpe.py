@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-pytest.importorskip("tiktoken")
+import tiktoken  # noqa: F401  (pinned: a missing install must fail, not skip)
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors  # noqa: E402
 

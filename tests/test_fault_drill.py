@@ -62,6 +62,15 @@ def _run_missing_file(tmp: str, run_dir: str) -> None:
     os.remove(os.path.join(tmp, "run", "checkpoints", "step_00000004", "mp_rank_00_model_states.pt"))
 
 
+def _hf_rope_scaling(tmp: str, run_dir: str) -> None:
+    # A Llama config.json with an option megalm does not implement (weights are never reached).
+    os.makedirs(os.path.join(tmp, "hf"))
+    with open(os.path.join(tmp, "hf", "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                   "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 300, "rope_scaling": {"type": "linear", "factor": 2.0}}, f)
+
+
 SETUPS = {
     "jsonl": _jsonl,
     "bad_tokenizer": _bad_tokenizer,
@@ -71,6 +80,7 @@ SETUPS = {
     "config": _config,
     "bad_yaml": _bad_yaml,
     "run_missing_file": _run_missing_file,
+    "hf_rope_scaling": _hf_rope_scaling,
 }
 # Rows that get past megalm-train's config checks start a process group: keep it out of pytest's process.
 IN_SUBPROCESS = {"train: --resume of a step that does not exist", "train: a shard with a foreign magic",

@@ -139,8 +139,9 @@ def test_resume_auto_continues_the_fine_tune_not_the_source(rank_pool, source, f
 
 def test_init_from_refuses_another_model_shape_or_tokenizer(source, data, tmp_path):
     run_dir = str(tmp_path / "run")
-    res = run_command([sys.executable, "-m", "megalm.train", "--config", TINY_RUN, f"data.train_paths=[{data['shard']}]",
-                       f"data.tokenizer={data['other_tok']}", f"train.run_dir={run_dir}", f"train.init_from={source}",
+    res = run_command([sys.executable, "-m", "megalm.train", "--config", TINY_RUN,
+                       f"data.train_paths=[{data['shard']}]", f"data.tokenizer={data['other_tok']}",
+                       f"train.run_dir={run_dir}", f"train.init_from={source}",
                        "model.hidden_size=32", "model.num_layers=2", "model.rope_theta=500000"],
                       timeout=300, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 2, res.output[-3000:]
@@ -151,6 +152,36 @@ def test_init_from_refuses_another_model_shape_or_tokenizer(source, data, tmp_pa
         assert f"\n  {line}" in res.output, (line, res.output[-3000:])
     assert "model.vocab_size" not in res.output  # only what differs
     assert read_losses(run_dir) == {} and not os.path.isdir(os.path.join(run_dir, "checkpoints"))
+
+
+def test_init_from_checks_hf_sources_and_paths_before_anything_runs(source, data, tmp_path):
+    """The checks that run before any dataset or engine (init_from.prepare), on an HF source and bad paths."""
+    from megalm.config import ConfigError
+    from megalm.config.run import load_run_config
+    from megalm.rundir import CheckpointError
+    from megalm.training import init_from
+    from megalm.training.loop import file_sha256
+
+    hf_dir = make_hf_model(str(tmp_path / "hf"), tied=True, tokenizer=data["other_tok"])
+
+    def prepare(path: str, run_dir: str = str(tmp_path / "run")):
+        cfg = load_run_config(TINY_RUN, _common(data, run_dir, 2) + [f"train.init_from={path}"])
+        return init_from.prepare(cfg, None, file_sha256(cfg.data.tokenizer))
+
+    with pytest.raises(CheckpointError) as e:
+        prepare(hf_dir)
+    lines = str(e.value).splitlines()
+    assert lines[1:3] == ["  model.tie_embeddings: source True vs this run False",
+                          f"  data.tokenizer (sha256): source {file_sha256(data['other_tok'])!r} vs this run "
+                          f"{file_sha256(data['tok'])!r} ({data['tok']})"], lines
+    with pytest.raises(ConfigError, match="train.init_from: .*nope does not exist"):
+        prepare(str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="is this run's own directory; continue it with --resume auto"):
+        prepare(source, run_dir=source)
+    with pytest.raises(CheckpointError, match="train.init_from: .*no complete checkpoint found"):
+        os.makedirs(tmp_path / "empty")
+        prepare(str(tmp_path / "empty"))
+    assert prepare(source).step == SOURCE_STEPS
 
 
 def test_init_from_a_hugging_face_directory(rank_pool, data, tmp_path):
@@ -167,3 +198,28 @@ def test_init_from_a_hugging_face_directory(rank_pool, data, tmp_path):
     assert abs(losses[1] - want) <= RTOL * want, (losses[1], want)
     assert _latest_meta(run_dir)["init_from"] == {"path": hf_dir, "format": "hf", "step": None,
                                                   "sha256": file_sha256(os.path.join(hf_dir, "config.json"))}
+
+
+def _fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+@pytest.mark.skipif(not _fp16_supported(), reason="DeepSpeed's CPU accelerator reports no fp16 on this CPU")
+def test_init_from_survives_the_first_fp16_update_at_zero0(rank_pool, source, data, tmp_path):
+    """fp16 at ZeRO-0 steps fp32 master copies DeepSpeed keeps apart from the model: unless they are
+    refreshed after loading, the first update put the random initialisation back."""
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+
+    run_dir = str(tmp_path / "run")
+    _run(rank_pool, (1, 1, 2, 0), _common(data, run_dir, 2) + [f"train.init_from={source}", "train.precision=fp16",
+                                                               "train.lr=1e-12", "train.min_lr=0"])
+    assert read_metric(run_dir, "skipped_steps")[2] < 2  # at least one update was applied
+    src = consolidate(locate_checkpoint(source)).weights
+    got = consolidate(locate_checkpoint(run_dir)).weights
+    for name, w in src.items():  # equal up to fp16 rounding (2^-11 relative); an lr of 1e-12 moves nothing
+        diff = (got[name].float() - w).abs()
+        outside = int((diff > 2 ** -10 * w.abs() + 1e-7).sum())
+        assert outside == 0, (name, outside, diff.max().item())

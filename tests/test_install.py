@@ -13,7 +13,7 @@ from tests.harness import free_port, run_command
 from tests.train_fixtures import REPO, write_synthetic_shard
 
 SCRIPTS = ["megalm-prep", "megalm-train", "megalm-eval", "megalm-generate", "megalm-export", "megalm-reshard",
-           "megalm-launch", "megalm-plan"]
+           "megalm-import", "megalm-launch", "megalm-plan"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -72,8 +72,13 @@ class DataConfig:
 
     def check_files(self, where: str = "data") -> None:
         """Fail early (before any process group starts) when a shard or the tokenizer is missing."""
+        from data_prep.sft import seq_len_problem
+
         for name in ("train_paths", "valid_paths", "test_paths"):
-            expand_shard_paths(getattr(self, name), f"{where}.{name}")
+            for prefix in expand_shard_paths(getattr(self, name), f"{where}.{name}"):
+                problem = seq_len_problem(prefix, self.seq_len)  # fine-tuning data: one record per sample
+                if problem is not None:
+                    raise ConfigError(f"{where}.seq_len: {problem}")
         if self.tokenizer is not None and not os.path.isfile(self.tokenizer):
             raise ConfigError(f"{where}.tokenizer: file {self.tokenizer!r} does not exist")
 

@@ -46,6 +46,10 @@ class TrainConfig:
     # mapping. Keys the run config owns (batch sizes, ZeRO stage, precision, clipping, optimiser, LR
     # schedule) are refused unless they agree: megalm.config.deepspeed_overrides.
     deepspeed_config: Optional[Union[str, dict[str, Any]]] = None
+    # Weights to start from when the run starts fresh (no checkpoint of its own to resume): a megalm
+    # RUN_DIR (its latest step), RUN_DIR/checkpoints/step_N, or a Hugging Face LlamaForCausalLM directory.
+    # Weights only: optimizer, LR schedule and step counter start fresh (megalm/training/init_from.py).
+    init_from: Optional[str] = None
 
     def validate(self, where: str = "train") -> None:
         where = where or "train"
@@ -57,6 +61,8 @@ class TrainConfig:
         require(self.keep_last >= 1, where, "keep_last", "must be >= 1 (the latest checkpoint is always kept)")
         require(self.log_interval >= 1, where, "log_interval", "must be >= 1")
         require(self.max_consecutive_nonfinite >= 1, where, "max_consecutive_nonfinite", "must be >= 1")
+        require(self.init_from is None or self.init_from.strip() != "", where, "init_from",
+                "must be a path (a megalm run or step directory, or a Hugging Face model directory) or null")
 
     def gradient_accumulation_steps(self, dp: int, where: str = "train") -> int:
         per_step = self.micro_batch_size * dp

@@ -89,7 +89,7 @@ class BlendedDataset:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int):  # a token array, or a MaskedSample from fine-tuning data
         if i < 0:
             i += self.size
         if not 0 <= i < self.size:

@@ -9,7 +9,8 @@ Two modes:
 Several train shards are blended by `train_weights` (default equal); every split uses the same weights
 restricted to the shards that have documents in it. An entry that names several shards (a multi-shard
 prep output or a glob, see `expand_shard_path`) shares its weight among them in proportion to their
-tokens, so the blend is the one the user wrote per entry.
+tokens, so the blend is the one the user wrote per entry. A shard with a loss mask (fine-tuning data,
+data_prep/sft.py) gives GPTDatasets that yield masked samples; it may be blended with pre-training data.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from typing import Optional, Union
 import numpy as np
 
 from data_prep.mmidx import default_cache_dir as shard_cache_dir
-from megalm.config import DataConfig, expand_shard_path, expand_shard_paths, parse_split
+from data_prep.sft import open_loss_mask, padded_length_problem
+from megalm.config import ConfigError, DataConfig, expand_shard_path, expand_shard_paths, parse_split
 
 from .blended_dataset import BlendedDataset
 from .gpt_dataset import GPTDataset
@@ -49,16 +51,18 @@ def default_cache_dir(cfg: DataConfig, prefix: str) -> str:
 
 
 def _mix(cfg: DataConfig, parts: list[tuple[IndexedDataset, Optional[np.ndarray]]], weights: list[float],
-         num_samples: int, name: str) -> Optional[Dataset]:
-    """One GPTDataset, or a BlendedDataset over one GPTDataset per part; None when nothing to draw."""
+         num_samples: int, name: str, masks: dict[str, Optional[IndexedDataset]]) -> Optional[Dataset]:
+    """One GPTDataset, or a BlendedDataset over one GPTDataset per part; None when nothing to draw.
+    `masks`: each shard's loss mask by prefix (None for pre-training shards)."""
     if num_samples <= 0 or not parts:
         return None
     if len(parts) == 1:
         shard, docs = parts[0]
-        return GPTDataset(shard, cfg.seq_len, num_samples, cfg.seed, docs, default_cache_dir(cfg, shard.prefix), name)
+        return GPTDataset(shard, cfg.seq_len, num_samples, cfg.seed, docs, default_cache_dir(cfg, shard.prefix), name,
+                          masks[shard.prefix])
     w = np.asarray(weights, np.float64) / float(np.sum(weights))
     datasets = [GPTDataset(shard, cfg.seq_len, int(math.ceil(wi * num_samples * BLEND_MARGIN)) + 1, cfg.seed,
-                           docs, default_cache_dir(cfg, shard.prefix), name)
+                           docs, default_cache_dir(cfg, shard.prefix), name, masks[shard.prefix])
                 for (shard, docs), wi in zip(parts, w)]
     return BlendedDataset(datasets, w, num_samples, default_cache_dir(cfg, parts[0][0].prefix), f"{name}-blend")
 
@@ -76,10 +80,15 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
     cfg.validate()
     counts = (train_samples, valid_samples, test_samples)
     opened: dict[str, IndexedDataset] = {}
+    masks: dict[str, Optional[IndexedDataset]] = {}
 
     def shard(prefix: str) -> IndexedDataset:
         if prefix not in opened:
             opened[prefix] = IndexedDataset(prefix)
+            masks[prefix] = open_loss_mask(opened[prefix])
+            problem = None if masks[prefix] is None else padded_length_problem(opened[prefix], cfg.seq_len)
+            if problem is not None:
+                raise ConfigError(f"data.seq_len: {problem}")
         return opened[prefix]
 
     entry_weights = list(cfg.train_weights) if cfg.train_weights else [1.0] * len(cfg.train_paths)
@@ -94,11 +103,11 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
             train_weights += [w * t / sum(tokens) for t in tokens]
 
     if cfg.valid_paths or cfg.test_paths:
-        out = [_mix(cfg, [(shard(p), None) for p in train_paths], train_weights, train_samples, "train")]
+        out = [_mix(cfg, [(shard(p), None) for p in train_paths], train_weights, train_samples, "train", masks)]
         for name, paths, n in (("valid", cfg.valid_paths, valid_samples), ("test", cfg.test_paths, test_samples)):
             paths = expand_shard_paths(paths, f"data.{name}_paths")
             parts = [(shard(p), None) for p in paths if _has_tokens(shard(p), None)]
-            out.append(_mix(cfg, parts, [float(s.num_tokens) for s, _ in parts], n, name))
+            out.append(_mix(cfg, parts, [float(s.num_tokens) for s, _ in parts], n, name, masks))
         train, valid, test = out
     else:
         ranges = {p: split_document_ranges(len(shard(p)), cfg.split) for p in train_paths}
@@ -111,7 +120,7 @@ def build_datasets(cfg: DataConfig, train_samples: int, valid_samples: int,
                 if end > start and _has_tokens(shard(p), docs):
                     parts.append((shard(p), docs))
                     weights.append(w)
-            out.append(_mix(cfg, parts, weights, counts[k], name))
+            out.append(_mix(cfg, parts, weights, counts[k], name, masks))
         train, valid, test = out
     if train is None and train_samples > 0:
         raise ValueError(f"data: no train documents with tokens in {train_paths} (split {cfg.split!r})")

@@ -15,11 +15,17 @@ legacy `GPTDataset` / `helpers.build_sample_idx`:
 Megatron builds sample_index with a per-sample loop in C++. Here it is one vectorised step: sample j
 starts at stream position j*seq_len, so its document is found by `searchsorted` over the cumulative
 document lengths (side="right" skips empty documents, as the loop does).
+
+Fine-tuning data (data_prep/sft.py) comes with a loss mask, a uint8 shard of the same document lengths;
+then item i is a `MaskedSample`: the tokens plus the mask entries at the same stream positions, from
+which the collate step makes IGNORE_INDEX labels. Its documents are padded to exactly seq_len tokens,
+so every sample is one record from position 0 (plus the next record's first token, which only appears
+as the last label and is masked). Without a mask items are plain token arrays, exactly as before.
 """
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -30,6 +36,15 @@ from .indexed_dataset import IndexedDataset
 INDEX_FORMAT = "megalm-gpt-index-v1"
 # Megatron's threshold: shuffle the last epoch separately when less than this share of it is used.
 SEPARATE_LAST_EPOCH_BELOW = 0.80
+
+
+class MaskedSample(NamedTuple):
+    """A fine-tuning sample: seq_len + 1 tokens (int64) and their loss mask (uint8, 1 = a target)."""
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+
+
+Sample = Union[np.ndarray, MaskedSample]
 
 
 def num_epochs_needed(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -101,12 +116,15 @@ class GPTDataset:
     documents: sequence ids to draw from (default all), e.g. a contiguous train/valid/test range.
     cache_dir: where the index .npy files go (None: build in memory, no files). With torch.distributed
     initialised, construction is collective: every rank must construct the same datasets in order.
+    loss_mask: the shard's loss mask (`data_prep.sft.open_loss_mask`) for fine-tuning data; its
+    documents must all be seq_len tokens long (one record per sample).
     """
 
     def __init__(self, indexed: IndexedDataset | str, seq_len: int, num_samples: int, seed: int,
                  documents: Sequence[int] | np.ndarray | None = None, cache_dir: str | None = None,
-                 name: str = "train"):
+                 name: str = "train", loss_mask: IndexedDataset | None = None):
         self.indexed = indexed if isinstance(indexed, IndexedDataset) else IndexedDataset(indexed)
+        self.loss_mask = loss_mask
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         if num_samples < 0:
@@ -121,6 +139,12 @@ class GPTDataset:
         doc_sizes = sizes[documents]
         if int(doc_sizes.astype(np.int64).sum()) == 0:
             raise ValueError(f"{name}: the {len(documents)} selected documents of {self.indexed.prefix} hold no tokens")
+        if loss_mask is not None:
+            if not np.array_equal(loss_mask.sequence_lengths, sizes):
+                raise ValueError(f"{name}: loss mask {loss_mask.prefix} does not pair with {self.indexed.prefix}")
+            if (doc_sizes != seq_len).any():  # a record would straddle samples and its mask misalign
+                raise ValueError(f"{name}: fine-tuning shard {self.indexed.prefix} holds records of "
+                                 f"{int(doc_sizes[doc_sizes != seq_len][0])} tokens, not seq_len={seq_len}")
         self.seq_len = seq_len
         self.num_samples = num_samples
         self.num_documents = len(documents)
@@ -151,19 +175,26 @@ class GPTDataset:
         """Passes over the documents that num_samples needs (the doc_index holds each that often)."""
         return len(self.doc_index) // self.num_documents
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> Sample:
         if i < 0:
             i += self.num_samples
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.name} dataset of {self.num_samples} samples")
-        return self.stream_sample(int(self.shuffle_index[i]))
+        j = int(self.shuffle_index[i])
+        if self.loss_mask is None:
+            return self.stream_sample(j)
+        return MaskedSample(self.stream_sample(j), self._read(self.loss_mask, j, np.uint8))
 
     def stream_sample(self, j: int) -> np.ndarray:
-        """Sample j of the unshuffled stream (item i is stream_sample(shuffle_index[i]))."""
+        """Tokens of sample j of the unshuffled stream (item i is stream_sample(shuffle_index[i]))."""
+        return self._read(self.indexed, j, np.int64)
+
+    def _read(self, shard: IndexedDataset, j: int, dtype: type) -> np.ndarray:
+        """Stream positions [j*seq_len, j*seq_len + seq_len] of `shard` (the tokens or their loss mask)."""
         doc_f, off_f = (int(v) for v in self.sample_index[j])
         doc_l, off_l = (int(v) for v in self.sample_index[j + 1])
-        out = np.empty(self.seq_len + 1, np.int64)
-        get = self.indexed.get
+        out = np.empty(self.seq_len + 1, dtype)
+        get = shard.get
         if doc_f == doc_l:
             out[:] = get(int(self.doc_index[doc_f]), off_f, off_l - off_f + 1)
             return out

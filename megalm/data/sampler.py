@@ -6,6 +6,9 @@ chunk. Nothing else is stateful, so a run resumed at consumed_samples N (a multi
 every step boundary is) yields exactly the micro-batches an uninterrupted run would have from N on, and
 the union of the ranks' micro-batches is the same global batch whatever dp_size is. Incomplete final
 chunks are dropped so every rank takes the same number of steps.
+
+Labels are the inputs shifted by one; for fine-tuning samples (`MaskedSample`) a label whose token is
+not a training target (loss mask 0: prompt, role header, padding) is IGNORE_INDEX, which the loss skips.
 """
 from __future__ import annotations
 
@@ -13,6 +16,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+
+from megalm.parallel.cross_entropy import IGNORE_INDEX
+
+from .gpt_dataset import MaskedSample, Sample
 
 __all__ = ["MicroBatchSampler", "collate_samples", "micro_batches", "micro_batches_for_step"]
 
@@ -57,10 +64,24 @@ class MicroBatchSampler:
             yield list(range(start, start + m))
 
 
-def collate_samples(samples: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples of seq_len + 1 tokens into (input_ids, labels) LongTensors of shape [m, seq_len]."""
-    batch = torch.from_numpy(np.stack([np.asarray(s, np.int64) for s in samples]))
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+def masked_labels(labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`labels` with IGNORE_INDEX wherever `targets` (the loss mask of the labels' tokens) is 0."""
+    return labels.masked_fill(targets == 0, IGNORE_INDEX)
+
+
+def collate_samples(samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples of seq_len + 1 tokens into (input_ids, labels) LongTensors of shape [m, seq_len];
+    the labels of fine-tuning samples are IGNORE_INDEX where their loss mask is 0."""
+    masked = [isinstance(s, MaskedSample) for s in samples]
+    tokens = [s.tokens if is_masked else s for s, is_masked in zip(samples, masked)]
+    batch = torch.from_numpy(np.stack([np.asarray(s, np.int64) for s in tokens]))
+    input_ids, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    if not any(masked):  # pre-training data: labels are exactly the shifted tokens
+        return input_ids, labels
+    # A pre-training sample in a blend with fine-tuning data: every label is a target.
+    targets = np.stack([s.loss_mask[1:] if is_masked else np.ones(labels.shape[1], np.uint8)
+                        for s, is_masked in zip(samples, masked)])
+    return input_ids, masked_labels(labels, torch.from_numpy(targets))
 
 
 def micro_batches(dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,

@@ -10,6 +10,12 @@ loss is the mean over every predicted token, so results do not depend on layout 
 fp32 rounding. Results go to RUN_DIR/eval/step_NNNNNNNN.json and TensorBoard scalars under
 RUN_DIR/eval/tensorboard (one point per checkpoint step: `--all-steps` draws the validation curve).
 --data defaults to the run's validation data: data.valid_paths, or the data.split validation documents.
+
+    megalm-eval --checkpoint RUN_DIR --tasks NAMES|DIR [--step N | --all-steps] [--limit N]
+
+scores lm-evaluation-harness tasks instead (the shipped megalm_larger and megalm_copy, lm-eval's own
+task names, or a directory of task YAMLs), offline, through the registered `megalm` lm-eval model:
+RUN_DIR/eval/tasks_step_NNNNNNNN.json and TensorBoard scalars tasks/<task>/<metric> (`task_eval`).
 """
 from __future__ import annotations
 
@@ -18,7 +24,12 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
+
+# Under torchrun every rank runs lm-eval's progress bars; only rank 0's are wanted. tqdm reads
+# TQDM_* overrides once, when it is first imported (by torch below), so this must come first.
+if os.environ.get("RANK", "0") != "0":
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch
 import torch.distributed as dist
@@ -33,6 +44,7 @@ from megalm.parallel.cross_entropy import IGNORE_INDEX, perplexity, vocab_parall
 from megalm.parallel.device import dist_backend, reduce_scalars, run_device, select_device
 
 from .model_loading import load_model
+from .task_files import TaskSpecError
 from .windows import ShardWindows, batches, eval_windows
 
 
@@ -109,10 +121,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu or cuda (default: DeepSpeed's accelerator device)")
     p.add_argument("--output", default=None, help="also write all results to this JSON file")
     p.add_argument("--no-tensorboard", action="store_true")
-    return p.parse_args(argv)
+    tasks = p.add_argument_group("task scoring (lm-evaluation-harness)")
+    tasks.add_argument("--tasks", default=None,
+                       help="comma-separated task names (shipped: megalm_larger, megalm_copy) or a directory of task YAMLs")
+    tasks.add_argument("--limit", type=int, default=None, help="score the first N documents of each task only")
+    tasks.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)")
+    tasks.add_argument("--tokenizer", default=None, help="tokenizer.json if the run's has moved (hash-checked)")
+    tasks.add_argument("--log-samples", action="store_true", help="also record every request's responses")
+    args = p.parse_args(argv)
+    perplexity_only = [f for f in ("data", "max_tokens", "seq_len") if getattr(args, f) is not None]
+    if args.tasks is not None and perplexity_only:
+        p.error(f"--{perplexity_only[0].replace('_', '-')} applies to the perplexity eval, not to --tasks: drop one of them")
+    task_only = [f for f in ("limit", "num_fewshot", "tokenizer") if getattr(args, f) is not None] + \
+        (["log_samples"] if args.log_samples else [])
+    if args.tasks is None and task_only:
+        p.error(f"--{task_only[0].replace('_', '-')} applies to --tasks only: add --tasks NAMES or drop it")
+    return args
 
 
-def _setup_distributed(tp: int):
+def setup_distributed(tp: int):
     """The process grid (tp x 1 x dp) under torchrun; None in a plain process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         if tp != 1:
@@ -125,25 +152,37 @@ def _setup_distributed(tp: int):
     return initialize_process_grid(tp, 1)
 
 
-def write_results(run_dir: str, results: list[dict], tensorboard: bool) -> None:
+def loss_scalars(r: dict) -> list[tuple[str, float]]:
+    """TensorBoard points of one step's perplexity result."""
+    return [("eval/loss", r["loss"]), ("eval/ppl", r["ppl"])] + \
+        [(f"eval/{os.path.basename(prefix)}/loss", s["loss"]) for prefix, s in r["shards"].items()]
+
+
+def write_results(run_dir: str, results: list[dict], tensorboard: bool,
+                  result_file: Callable[[str, int], str] = rundir.eval_result_file,
+                  scalars: Callable[[dict], list[tuple[str, float]]] = loss_scalars) -> None:
+    """Each step's result as JSON (`result_file`: the perplexity eval's or the task eval's name) and
+    its `scalars` as TensorBoard points at that step under RUN_DIR/eval/tensorboard."""
     os.makedirs(rundir.eval_dir(run_dir), exist_ok=True)
     for r in results:
-        with open(rundir.eval_result_file(run_dir, r["step"]), "w") as f:
+        with open(result_file(run_dir, r["step"]), "w") as f:
             json.dump(r, f, indent=2)
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=rundir.eval_tensorboard_dir(run_dir))
         for r in results:  # one point per checkpoint step
-            writer.add_scalar("eval/loss", r["loss"], r["step"])
-            writer.add_scalar("eval/ppl", r["ppl"], r["step"])
-            for prefix, s in r["shards"].items():
-                writer.add_scalar(f"eval/{os.path.basename(prefix)}/loss", s["loss"], r["step"])
+            for tag, value in scalars(r):
+                writer.add_scalar(tag, value, r["step"])
         writer.close()
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    grid = _setup_distributed(args.tp)
+    if args.tasks is not None:
+        from .task_eval import run_tasks
+
+        return run_tasks(args)
+    grid = setup_distributed(args.tp)
     rank0 = grid is None or grid.rank == 0
     device = torch.device(args.device) if args.device else run_device()
     steps: list[Optional[int]] = [args.step]
@@ -179,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (CheckpointError, ShardFormatError, ConfigError) as e:
+    except (CheckpointError, ShardFormatError, ConfigError, TaskSpecError) as e:
         print(f"megalm-eval: {e}", file=sys.stderr)
         return 2
     finally:

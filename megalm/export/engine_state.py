@@ -84,6 +84,10 @@ def apply_full_state(engine: Engine, state: FullState, weights_only: bool = Fals
                     safe_set_full_optimizer_state(p, value, key)
                 else:
                     base.state[p][key].copy_(value.view_as(p.data))
+    if stage == 0 and hasattr(ds.optimizer, "refresh_fp32_params"):
+        # fp16 at ZeRO-0: DeepSpeed's fp16 wrapper steps fp32 master copies of its own, which would put
+        # the built initialisation back at the first update (the weights were loaded into p.data only).
+        ds.optimizer.refresh_fp32_params()
 
     # The LR schedule and step counters continue even with --weights-only: only Adam restarts.
     _restore_schedule(ds, base, state.engine_state)

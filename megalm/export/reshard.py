@@ -121,6 +121,19 @@ def load_state(path: str) -> FullState:
                      adam_step=d["adam_step"], engine_state=d["engine_state"])
 
 
+def save_with_workers(state: FullState, cfg: RunConfig, meta: dict, weights_only: bool, world: int) -> None:
+    """Write `state` as a checkpoint of cfg's layout into cfg.train.run_dir (which must exist): `world`
+    local CPU ranks (gloo) each load it from a scratch file there and run `save_resharded`."""
+    scratch = os.path.join(cfg.train.run_dir, SCRATCH)
+    dump_state(state, scratch)
+    try:
+        torch.multiprocessing.start_processes(_worker, args=(world, free_port(), scratch, cfg.to_dict(), meta,
+                                                             weights_only),
+                                              nprocs=world, join=True, start_method="spawn")
+    finally:
+        os.unlink(scratch)
+
+
 def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
             zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> str:
     """Convert one checkpoint; spawns the target world's ranks locally. Returns the new step directory."""
@@ -135,15 +148,7 @@ def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = 
     state = consolidate(ref, with_optimizer=not weights_only)
     meta = target_meta(ref, cfg, dp)
     os.makedirs(output, exist_ok=True)
-    scratch = os.path.join(output, SCRATCH)
-    dump_state(state, scratch)
-    world = tp * pp * dp
-    try:
-        torch.multiprocessing.start_processes(_worker, args=(world, free_port(), scratch, cfg.to_dict(), meta,
-                                                             weights_only),
-                                              nprocs=world, join=True, start_method="spawn")
-    finally:
-        os.unlink(scratch)
+    save_with_workers(state, cfg, meta, weights_only, world=tp * pp * dp)
     with open(rundir.config_file(output), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     return locate_checkpoint(output, ref.step).path

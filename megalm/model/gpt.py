@@ -75,9 +75,17 @@ class OutputLayer(nn.Module):
         return vocab_parallel_logits(hidden, self.weight, self.vocab_start, self.num_embeddings, self.tp_group)
 
 
-def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Optional[ProcessGroup]) -> torch.Tensor:
-    """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (0 when every label is ignored)."""
+def language_model_loss(logits: torch.Tensor, labels: torch.Tensor, tp_group: Optional[ProcessGroup],
+                        targets_per_micro_batch: Optional[float] = None) -> torch.Tensor:
+    """Mean cross-entropy over tokens whose label is not IGNORE_INDEX (0 when every label is ignored).
+
+    `targets_per_micro_batch` (fine-tuning data, megalm.training.engine): the global batch's mean number of
+    such tokens per micro-batch. The sum is divided by it instead of this micro-batch's own count, so the
+    average of the micro-batch losses that gradient accumulation and DP take is the mean over every target
+    token of the global batch, however unevenly loss masks spread them over micro-batches."""
     per_token = vocab_parallel_cross_entropy(logits, labels, IGNORE_INDEX, tp_group)
+    if targets_per_micro_batch is not None:
+        return per_token.sum() / targets_per_micro_batch
     count = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return per_token.sum() / count
 
@@ -108,5 +116,6 @@ class GPTModel(nn.Module):
         h = self.final_norm(h)
         return self.embedding(h, logits=True) if self.output is None else self.output(h)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return language_model_loss(logits, labels, self.tp_group)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor,
+             targets_per_micro_batch: Optional[float] = None) -> torch.Tensor:
+        return language_model_loss(logits, labels, self.tp_group, targets_per_micro_batch)

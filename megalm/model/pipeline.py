@@ -59,9 +59,10 @@ def pipeline_layer_specs(cfg: ModelConfig, grid: Optional[ProcessGrid] = None) -
     return specs
 
 
-def pipeline_loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def pipeline_loss_fn(logits: torch.Tensor, labels: torch.Tensor,
+                     targets_per_micro_batch: Optional[float] = None) -> torch.Tensor:
     """`PipelineModule(loss_fn=...)`: GPTModel.loss, over the current grid's TP group."""
-    return language_model_loss(logits, labels, resolve_tp_group(None))
+    return language_model_loss(logits, labels, resolve_tp_group(None), targets_per_micro_batch)
 
 
 def gpt_param_name(layer_index: int | str, local_name: str, cfg: ModelConfig) -> str:

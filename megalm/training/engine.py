@@ -4,6 +4,11 @@ The engine is DeepSpeed's own; this module only decides what goes in: the model 
 `deepspeed.zero.Init` for ZeRO-3 so it is partitioned as it is constructed), the optimiser with its
 parameter groups, the LR schedule and the config dict. `train_step`/`eval_step` hide the one real
 difference between the two engine kinds: who loops over micro-batches.
+
+The loss of a step is the mean over every target label (not IGNORE_INDEX) of its global batch. DeepSpeed
+averages micro-batch losses (over accumulation steps, then DP ranks) with equal weights, which is that
+mean only when every micro-batch holds as many targets; fine-tuning loss masks do not, so then each
+micro-batch loss is its sum over the global mean count per micro-batch (`targets_per_micro_batch`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megalm.config.run import RunConfig
 from megalm.model import GPTModel
 from megalm.model.pipeline import pipeline_layer_specs, pipeline_loss_fn
+from megalm.parallel.cross_entropy import IGNORE_INDEX
 from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
 
@@ -31,13 +37,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class PipelineLoss:
-    """The pipeline's loss_fn; `poison` turns the next losses into NaN (fault drills only)."""
+    """The pipeline's loss_fn; `poison` turns the next losses into NaN (fault drills only);
+    `targets_per_micro_batch` is set by the engine for each step (see the module docstring)."""
 
     def __init__(self) -> None:
         self.poison = False
+        self.targets_per_micro_batch: float | None = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = pipeline_loss_fn(logits, labels)
+        loss = pipeline_loss_fn(logits, labels, self.targets_per_micro_batch)
         return loss * float("nan") if self.poison else loss
 
 
@@ -60,14 +68,16 @@ class Engine:
             self.last_update_skipped = self.ds.skipped_steps > skipped_before
 
     def _train_step(self, micro_batches: list[Batch], poison: bool) -> float:
+        per_micro_batch = self._targets_per_micro_batch(micro_batches)
         if self.is_pipeline:
             self.pipeline_loss.poison = poison
+            self.pipeline_loss.targets_per_micro_batch = per_micro_batch
             loss = self.ds.train_batch(iter(micro_batches))  # averaged over micro-batches and DP
             return float(loss)
         model = self.ds.module
         total = torch.zeros((), device=self.device)
         for input_ids, labels in self._on_device(micro_batches):
-            loss = model.loss(self.ds(input_ids), labels)
+            loss = model.loss(self.ds(input_ids), labels, per_micro_batch)
             if poison:
                 loss = loss * float("nan")
             self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps
@@ -77,15 +87,29 @@ class Engine:
 
     @torch.no_grad()
     def eval_step(self, micro_batches: list[Batch]) -> float:
+        per_micro_batch = self._targets_per_micro_batch(micro_batches)
         if self.is_pipeline:
+            self.pipeline_loss.targets_per_micro_batch = per_micro_batch
             return float(self.ds.eval_batch(iter(micro_batches)))
         self.ds.eval()
         model = self.ds.module
         total = torch.zeros((), device=self.device)
         for input_ids, labels in self._on_device(micro_batches):
-            total += model.loss(self.ds(input_ids), labels).float()
+            total += model.loss(self.ds(input_ids), labels, per_micro_batch).float()
         self.ds.train()
         return self._dp_mean(total / len(micro_batches))
+
+    def _targets_per_micro_batch(self, micro_batches: list[Batch]) -> float | None:
+        """The step's global mean number of target labels per micro-batch, or None when every label of
+        the global batch is a target (pre-training: each micro-batch's own mean is already the global
+        one, and the loss stays bitwise what it was). One scalar all-reduce over DP when dp > 1."""
+        targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)
+        positions = sum(y.numel() for _, y in micro_batches)
+        if self.grid.dp > 1:
+            targets, positions = (float(v) for v in reduce_scalars([targets, positions], "sum", self.grid.dp_group))
+        if targets == positions:
+            return None
+        return max(targets, 1) / (len(micro_batches) * self.grid.dp)
 
     def _on_device(self, micro_batches: list[Batch]) -> list[Batch]:
         # DeepSpeedEngine.forward does not move inputs (only the PipelineEngine does): move them once here.

@@ -26,6 +26,7 @@ from megalm.parallel.device import any_rank, dist_backend, select_device
 from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
 
 from . import checkpoint as ckpt
+from . import init_from
 from . import resume as resume_rules
 from .engine import Engine, build_engine
 from .faults import act, nan_at, parse_faults
@@ -105,11 +106,13 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
     # built: a refused change fails fast, and an allowed batch change needs a longer sample index.
     point = resume_rules.find_resume_point(t.run_dir, resume)
     changes = resume_rules.resume_changes(point, cfg, file_sha256(cfg.data.tokenizer)) if point else []
+    source = init_from.prepare(cfg, point, file_sha256(cfg.data.tokenizer))  # only when starting fresh
     train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=resume_rules.train_samples_needed(point, t),
                                            valid_samples=t.eval_iters * samples_per_step if t.eval_interval else 0,
                                            test_samples=0)
     engine = build_engine(cfg, grid, device)
     meta = checkpoint_meta(cfg, engine, launch.world_size)
+    init_from.record(meta, source, point)
     state = ckpt.TrainState()
     if point is not None:
         meta["resume_changes"] = changes
@@ -117,6 +120,8 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
         resume_rules.override_schedule(engine.ds, t)  # the schedule is the current config's
         if rank == 0:
             print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
+    elif source is not None:
+        init_from.load_weights(engine, source, cfg)
 
     logger = MetricsLogger(t.run_dir, enabled=rank == 0, tensorboard=t.tensorboard)
     heartbeat = Heartbeat(t.run_dir, enabled=rank == 0)

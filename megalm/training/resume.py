@@ -71,7 +71,7 @@ def resume_changes(point: ResumePoint, cfg: RunConfig, tokenizer_sha256: Optiona
         raise CheckpointError(
             f"cannot resume {where}: these change what its consumed_samples={point.consumed_samples} mean: "
             + "; ".join(refused) + ". Set them back to the checkpoint's values, or start a new run "
-            "(another train.run_dir; use train.init_from when it exists to start from these weights)")
+            "(another train.run_dir; with train.init_from=RUN_DIR to start from these weights)")
     changes = list(point.meta.get("resume_changes") or [])
     changes += [{"step": point.step, "field": f, "old": _field(old, f), "new": _field(new, f)}
                 for f in RECORDED_FIELDS if _field(old, f) != _field(new, f)]
