@@ -96,10 +96,16 @@ def _console_main(name: str):
 def _run_in_process(target: str, argv: list[str], capfd) -> tuple[int, str]:
     module, func = target.split(":")
     main = getattr(__import__(module, fromlist=[func]), func)
+    # megalm-train exports RANK/WORLD_SIZE/MASTER_PORT for the process group it is about to start; left
+    # in pytest's environment they would be inherited by every later test's srun/mpirun ranks.
+    saved = dict(os.environ)
     try:
         code = main(argv)
     except SystemExit as e:  # argparse and some CLIs exit instead of returning
         code = e.code if isinstance(e.code, int) else 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     out, err = capfd.readouterr()
     return int(code or 0), out + err
 

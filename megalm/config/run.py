@@ -56,6 +56,7 @@ class RunConfig:
         check_deepspeed_overrides(self.train, self.parallel.zero_stage, dp)  # needs dp (accumulation steps)
         self.data.check_files()
         self.data.check_vocabulary(self.model.vocab_size)
+        self.train.check_init_from()
         return accum
 
     def to_dict(self) -> dict:

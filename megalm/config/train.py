@@ -1,6 +1,8 @@
 """Training section: batch sizes, optimiser, schedule, precision, logging and checkpoint cadence."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
@@ -64,6 +66,12 @@ class TrainConfig:
         require(self.init_from is None or self.init_from.strip() != "", where, "init_from",
                 "must be a path (a megalm run or step directory, or a Hugging Face model directory) or null")
 
+    def check_init_from(self) -> None:
+        """`init_from` names something: checked before any process group (what it holds is checked by
+        megalm.training.init_from once the run knows it starts fresh)."""
+        if self.init_from is not None:
+            check_init_from_path(self.init_from)
+
     def gradient_accumulation_steps(self, dp: int, where: str = "train") -> int:
         per_step = self.micro_batch_size * dp
         if self.global_batch_size % per_step != 0:
@@ -71,3 +79,10 @@ class TrainConfig:
                 f"{where}.global_batch_size: {self.global_batch_size} is not divisible by micro_batch_size x dp = "
                 f"{self.micro_batch_size} x {dp} = {per_step}; global batch = micro batch x grad accumulation x dp")
         return self.global_batch_size // per_step
+
+
+def check_init_from_path(path: str) -> None:
+    """The one existence rule (and message) for `train.init_from`."""
+    if not os.path.exists(path):
+        raise ConfigError(f"train.init_from: {path} does not exist; give a megalm RUN_DIR, "
+                          f"RUN_DIR/checkpoints/step_N or a Hugging Face model directory (config.json + safetensors)")

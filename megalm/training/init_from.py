@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from megalm.config import ConfigError
 from megalm.config.model import ModelConfig
+from megalm.config.train import check_init_from_path
 from megalm.config.run import RunConfig
 from megalm.rundir import CheckpointError
 
@@ -59,9 +60,7 @@ def resolve_source(path: str, run_dir: str) -> InitSource:
     from megalm.export.consolidate import model_config_of
 
     where = f"train.init_from: {path}"
-    if not os.path.exists(path):
-        raise ConfigError(f"{where} does not exist; give a megalm RUN_DIR, RUN_DIR/checkpoints/step_N or a "
-                          f"Hugging Face model directory (config.json + safetensors)")
+    check_init_from_path(path)
     if hf_import.is_hf_dir(path):
         hf_dir = os.path.abspath(path)
         config = hf_import.hf_config_path(hf_dir)
