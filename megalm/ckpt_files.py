@@ -16,6 +16,19 @@ from typing import Optional
 from megalm import rundir
 
 
+def model_states_name(mp_rank: int, zero_stage: int, dp_rank: int = 0) -> str:
+    """DeepSpeed's engine-state file of model-parallel rank `mp_rank` (= pp_rank * tp + tp_rank): one per
+    data-parallel rank under ZeRO-3 (which keeps only placeholders of the weights there), else one."""
+    if zero_stage >= 3:
+        return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_model_states.pt"
+    return f"mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def optim_states_name(dp_rank: int, mp_rank: int) -> str:
+    """DeepSpeed's ZeRO optimizer partition of one data-parallel rank of model-parallel rank `mp_rank`."""
+    return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
+
+
 def expected_rank_files(layout: dict) -> list[str]:
     """File names (relative to the step directory) that must exist for a layout (megalm.json's
     `layout`): one rng file per rank, and DeepSpeed's model-state files (one per data-parallel rank ×
@@ -24,9 +37,9 @@ def expected_rank_files(layout: dict) -> list[str]:
     zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
     exact = [rundir.rng_relpath(r) for r in range(world)]
     if pp == 1 and zero >= 3:
-        exact += [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(dp) for t in range(tp)]
+        exact += [model_states_name(t, zero, d) for d in range(dp) for t in range(tp)]
     else:
-        exact += [f"mp_rank_{m:02d}_model_states.pt" for m in range(tp * pp)]
+        exact += [model_states_name(m, 0) for m in range(tp * pp)]
     return exact
 
 

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         rank = launch.rank  # before the config, so that only rank 0 reports even a YAML error
         cfg = load_run_config(args.config, args.overrides)
         launch_env.export(launch)
+        from megalm.training.resume import check_resume_layout  # torch-free
+
+        check_resume_layout(cfg, launch.world_size, args.resume)  # another dp: can this world continue?
         cfg.check_launch(launch.world_size)  # layout, batch sizes, shard headers: no process group yet
     except TORCH_FREE_USER_ERRORS as e:
         return _report(e, rank)

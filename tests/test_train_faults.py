@@ -84,7 +84,8 @@ def test_resume_with_other_layout_or_model_is_refused(shard, tmp_path):
     _train(shard, run_dir, "train.train_steps=4").check()
     res = _train(shard, run_dir, "parallel.tp=2", "--resume", "auto", nproc=2)
     assert res.returncode != 0
-    assert "was saved with a different model or layout" in res.output and "tp: checkpoint 1 vs this run 2" in res.output
+    assert "another model-parallel layout" in res.output and "tp: checkpoint 1 vs this run 2" in res.output
+    assert "megalm-reshard --checkpoint" in res.output  # the conversion, spelled out
     res = _train(shard, run_dir, "model.hidden_size=128", "--resume", "auto")
     assert res.returncode != 0 and "model.hidden_size: checkpoint 64 vs this run 128" in res.output
 

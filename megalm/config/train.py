@@ -42,6 +42,9 @@ class TrainConfig:
     keep_last: int = 3
     save_at_end: bool = True
     tensorboard: bool = True
+    # Audit: every step's dataset sample indices (all data-parallel ranks) as a `samples` line in
+    # metrics.jsonl, so "which samples did step k train on" is answerable after resumes and layout changes.
+    log_sample_ids: bool = False
     # Peak dense TFLOP/s of one device, for MFU; None = measure nothing against a peak (MFU not shown).
     peak_tflops: Optional[float] = None
     # DeepSpeed fields merged last into the generated DeepSpeed config: a JSON file's path or an inline

@@ -99,15 +99,16 @@ def micro_batches(dataset, micro_batch_size: int, dp_rank: int = 0, dp_size: int
 
 
 def micro_batches_for_step(dataset, consumed_samples: int, micro_batch_size: int, accumulation_steps: int,
-                           dp_rank: int, dp_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                           dp_rank: int, dp_size: int, with_indices: bool = False) -> list[tuple]:
     """The `accumulation_steps` micro-batches this rank trains on in the step that starts after
     `consumed_samples` (a step consumes micro_batch_size * dp_size * accumulation_steps samples).
-    Same stream as `micro_batches`: step k's batches are that generator's items [k*a, (k+1)*a)."""
+    Same stream as `micro_batches`: step k's batches are that generator's items [k*a, (k+1)*a);
+    with_indices=True appends each micro-batch's dataset indices."""
     if accumulation_steps <= 0:
         raise ValueError(f"accumulation_steps must be > 0, got {accumulation_steps}")
     step_samples = micro_batch_size * dp_size * accumulation_steps
     if consumed_samples + step_samples > len(dataset):
         raise ValueError(f"a step from consumed_samples {consumed_samples} needs {step_samples} samples but the "
                          f"dataset holds {len(dataset)}; build it with at least steps * global batch samples")
-    batches = micro_batches(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples)
+    batches = micro_batches(dataset, micro_batch_size, dp_rank, dp_size, consumed_samples, with_indices)
     return [next(batches) for _ in range(accumulation_steps)]

@@ -105,18 +105,19 @@ def _deepspeed_safe_globals() -> list:
     return [fragment_address, LossScaler, ZeroStageEnum]
 
 
-def load_pt(path: str, deepspeed_types: bool = False) -> Any:
+def load_pt(path: str, deepspeed_types: bool = False, mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)` onto the CPU; a missing, truncated or foreign file is a
     CheckpointError naming it. `deepspeed_types` allows the three DeepSpeed types ZeRO optimizer
-    files contain (and nothing else)."""
+    files contain (and nothing else). `mmap` maps the tensors' storage instead of reading it: pages are
+    read when a slice is used (a reader that needs a few parameters of a partition file)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file is missing (the checkpoint is incomplete or was "
                               f"written with another layout than its {META_FILE} says)")
     try:
         if deepspeed_types:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/... for damaged files
         size = os.path.getsize(path)
         raise CheckpointError(f"{path}: cannot read this checkpoint file ({size} bytes): {type(e).__name__}: "

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from megalm.ckpt_files import model_states_name, optim_states_name
 from megalm.config import ConfigError, from_dict
 from megalm.config.model import ModelConfig
 from megalm.config.train import TrainConfig
@@ -82,11 +83,10 @@ class _Reader:
         self.engine_state: dict = {}
 
     def model_states_name(self, mp: int) -> str:
-        return (f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt" if self.zero == 3
-                else f"mp_rank_{mp:02d}_model_states.pt")
+        return model_states_name(mp, self.zero)
 
     def optim_files(self, mp: int) -> list[tuple[str, dict]]:
-        paths = [self.ref.file(f"zero_pp_rank_{d}_mp_rank_{mp:02d}_optim_states.pt") for d in range(self.dp)]
+        paths = [self.ref.file(optim_states_name(d, mp)) for d in range(self.dp)]
         return [(p, load_pt(p, deepspeed_types=True)) for p in paths]
 
     def put(self, t: int, name: str, kind: str, value: torch.Tensor, path: str) -> None:

@@ -11,7 +11,7 @@ Every function here is collective: every rank of the target world calls it, in t
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -22,7 +22,7 @@ from .full_weights import shard_for_tp
 from .zero_merge import MOMENTS
 
 
-def _base_optimizer(ds: Any) -> torch.optim.Optimizer:
+def base_optimizer(ds: Any) -> torch.optim.Optimizer:
     """The torch optimizer that holds the Adam state (inside DeepSpeed's ZeRO wrapper, if any)."""
     opt = ds.optimizer
     return getattr(opt, "optimizer", opt) if ds.zero_optimization_stage() > 0 else opt
@@ -54,46 +54,64 @@ def _local_name(engine: Engine, name: str, state: FullState) -> str:
 def apply_full_state(engine: Engine, state: FullState, weights_only: bool = False) -> None:
     """Load weights (and, unless `weights_only`, Adam moments, step count, LR schedule and engine
     counters) into `engine`, sliced for this rank's TP position."""
+    grid, cfg = engine.grid, state.cfg
+    restore_optimizer = not weights_only and state.moments is not None
+
+    def local(name: str) -> dict[str, torch.Tensor]:
+        gpt = _local_name(engine, name, state)
+        kinds = ("weight",) + (MOMENTS if restore_optimizer else ())
+        full = {"weight": state.weights[gpt], **(state.moments[gpt] if restore_optimizer else {})}
+        return {k: shard_for_tp(gpt, full[k], cfg, grid.tp, grid.tp_rank) for k in kinds}
+
+    apply_local_state(engine, local, (state.adam_step or 0.0) if restore_optimizer else None, state.engine_state)
+
+
+def apply_local_state(engine: Engine, local: Callable[[str], dict[str, torch.Tensor]], adam_step: Optional[float],
+                      engine_state: dict) -> None:
+    """Collective. For every parameter of this rank's engine (by its name in `ds.module`), `local(name)`
+    gives {"weight"} or {"weight", "exp_avg", "exp_avg_sq"} at this rank's model-parallel shape; they
+    go into the model, ZeRO's fp32 master copy and Adam's state (which DeepSpeed partitions over DP as
+    it stores them). `adam_step` None: the optimizer starts fresh. The LR schedule and the engine's
+    counters come from `engine_state` either way."""
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    ds, grid, cfg = engine.ds, engine.grid, state.cfg
+    ds = engine.ds
     stage = ds.zero_optimization_stage()
-    base = _base_optimizer(ds)
-    restore_optimizer = not weights_only and state.moments is not None
+    base = base_optimizer(ds)
+    restore_optimizer = adam_step is not None
     if restore_optimizer:
-        _init_adam_state(_adam_params(ds, base), base, state.adam_step or 0.0)
+        _init_adam_state(_adam_params(ds, base), base, adam_step)
         if hasattr(ds.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link state fragments
             ds.optimizer._hp_optimizer_states_linked = False
             ds.optimizer._lazy_init_hp_params_optimizer_state()
 
     for name, p in ds.module.named_parameters():
-        gpt = _local_name(engine, name, state)
-        local = shard_for_tp(gpt, state.weights[gpt], cfg, grid.tp, grid.tp_rank)
+        values = local(name)
+        weight = values["weight"]
         if stage == 3:
             with zero.GatheredParameters([p], modifier_rank=0):  # the model's own partitions
-                p.data.copy_(local.view_as(p.data))
+                p.data.copy_(weight.view_as(p.data))
         else:
-            p.data.copy_(local.view_as(p.data))
+            p.data.copy_(weight.view_as(p.data))
         if stage > 0:
-            safe_set_full_fp32_param(p, local)  # ZeRO keeps a separate fp32 master copy
+            safe_set_full_fp32_param(p, weight)  # ZeRO keeps a separate fp32 master copy
         if restore_optimizer:
-            moments = {k: shard_for_tp(gpt, state.moments[gpt][k], cfg, grid.tp, grid.tp_rank) for k in MOMENTS}
-            for key, value in moments.items():
+            for key in MOMENTS:
                 if stage > 0:
-                    safe_set_full_optimizer_state(p, value, key)
+                    safe_set_full_optimizer_state(p, values[key], key)
                 else:
-                    base.state[p][key].copy_(value.view_as(p.data))
+                    base.state[p][key].copy_(values[key].view_as(p.data))
     if stage == 0 and hasattr(ds.optimizer, "refresh_fp32_params"):
         # fp16 at ZeRO-0: DeepSpeed's fp16 wrapper steps fp32 master copies of its own, which would put
         # the built initialisation back at the first update (the weights were loaded into p.data only).
         ds.optimizer.refresh_fp32_params()
 
     # The LR schedule and step counters continue even with --weights-only: only Adam restarts.
-    _restore_schedule(ds, base, state.engine_state)
+    restore_schedule(ds, base, engine_state)
 
 
-def _restore_schedule(ds: Any, base: torch.optim.Optimizer, engine_state: dict) -> None:
+def restore_schedule(ds: Any, base: torch.optim.Optimizer, engine_state: dict) -> None:
     """LR scheduler position and the lr it last set (DeepSpeed saves both; on load the optimizer's
     param_groups carry the lr for the next step), plus the engine's step/sample counters."""
     sched_state: Optional[dict] = engine_state.get("lr_scheduler")

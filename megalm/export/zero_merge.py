@@ -11,8 +11,9 @@ the same way, and (c) they assume a single model-parallel rank):
 * ZeRO-3: every parameter is split on its own into ceil(numel / dp) elements per DP rank; a rank's
   flat buffer holds its piece of every parameter, in `param_shapes` order (all groups merged).
 
-Returns local (this model-parallel rank's) names -> {"weight", "exp_avg", "exp_avg_sq"} and the Adam
-step count.
+`ZeroPartitions` is that walk, one parameter at a time (the elastic resume reads only what a rank
+needs through it); `merge_zero12`/`merge_zero3` apply it to every parameter and return local (this
+model-parallel rank's) names -> {"weight", "exp_avg", "exp_avg_sq"} and the Adam step count.
 """
 from __future__ import annotations
 
@@ -46,66 +47,132 @@ def _step_of(state: dict) -> float:
     return float(step.item() if torch.is_tensor(step) else step)
 
 
+def _narrow_cat(pieces: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of the concatenation of the 1-D `pieces`, reading only those
+    (the pieces may be mmap-backed: a partition file is then paged in only where a parameter lies)."""
+    out, at = [], 0
+    for piece in pieces:
+        n = piece.numel()
+        lo, hi = max(start, at), min(start + length, at + n)
+        if lo < hi:
+            out.append(piece.narrow(0, lo - at, hi - lo))
+        at += n
+    got = sum(t.numel() for t in out)
+    if got != length:
+        raise IndexError(f"elements [{start}, {start + length}) lie beyond the {at} the partitions hold")
+    return torch.cat(out) if len(out) > 1 else out[0].clone()
+
+
+class ZeroPartitions:
+    """The data-parallel partition files of one model-parallel rank, read one parameter at a time.
+
+    `tensors(name)` assembles that parameter's fp32 master weight and Adam moments (this model-parallel
+    rank's shape) from the pieces of the partitions that hold it, so nothing larger than one parameter
+    is ever put together: this is what consolidation (`merge_zero12`/`merge_zero3`, the whole model on
+    purpose) and the elastic resume (`megalm.training.elastic`, every rank only its own parameters) share.
+    `optim_files`: (path, loaded dict) of every DP rank, in DP order; `param_shapes`: the model-states
+    file's per-group {name: shape}."""
+
+    def __init__(self, optim_files: list[tuple[str, dict]], param_shapes: list[dict]):
+        self.where = optim_files[0][0]
+        osds = [sd["optimizer_state_dict"] for _, sd in optim_files]
+        self.stage = int(osds[0]["zero_stage"])
+        for (path, _), osd in zip(optim_files, osds):
+            if int(osd["zero_stage"]) != self.stage:
+                raise CheckpointError(f"{path}: ZeRO stage {int(osd['zero_stage'])}, but {self.where} says "
+                                      f"{self.stage}; the files come from different runs")
+        self.dp = len(optim_files)
+        self.shapes = {name: tuple(shape) for group in param_shapes for name, shape in group.items()}
+        # name -> (list of 1-D pieces per kind, start, numel) within that list's concatenation
+        self._where: dict[str, tuple[dict[str, list[torch.Tensor]], int, int]] = {}
+        if self.stage in (1, 2):
+            self._locate_zero12(optim_files, osds, param_shapes)
+        elif self.stage == 3:
+            self._locate_zero3(optim_files, osds, param_shapes)
+        else:
+            raise CheckpointError(f"{self.where}: expected a ZeRO-1/2/3 optimizer file, found stage {self.stage}")
+        # DeepSpeed's fp16 loss scaler state (the same on every DP rank), for a resume to carry on.
+        self.global_state = {k: osds[0].get(k) for k in ("loss_scaler", "dynamic_loss_scale", "overflow")}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def _locate_zero12(self, optim_files, osds, param_shapes) -> None:
+        # Per param group, the flat group is cut into one contiguous partition per DP rank; parameters
+        # follow in param_shapes order, each followed by its alignment padding.
+        paddings = osds[0].get("param_alignment_paddings")
+        self.step = None
+        for g, shapes in enumerate(param_shapes):
+            states = [_group_state(osd["base_optimizer_state"], g, path) for (path, _), osd in zip(optim_files, osds)]
+            pieces = {"weight": [osd["single_partition_of_fp32_groups"][g] for osd in osds]}
+            for key in MOMENTS:
+                pieces[key] = [s[key] for s in states]
+            self.step = _step_of(states[0]) if self.step is None else self.step
+            total = sum(t.numel() for t in pieces["weight"])
+            offset = 0
+            for i, (name, shape) in enumerate(shapes.items()):
+                n = _numel(shape)
+                if offset + n > total:
+                    raise CheckpointError(f"{self.where}: param group {g} holds {total} elements, fewer than its "
+                                          f"parameters need; a DP rank's optimizer file is missing or damaged")
+                self._where[name] = (pieces, offset, n)
+                offset += n + (int(paddings[g][i]) if paddings else 0)
+        self.step = self.step or 0.0
+
+    def _locate_zero3(self, optim_files, osds, param_shapes) -> None:
+        # Every parameter is split on its own into ceil(numel / dp) elements per DP rank; a rank's flat
+        # groups hold its piece of every parameter, in param_shapes order (all groups merged).
+        per_rank = []
+        self.step = None
+        for (path, _), osd in zip(optim_files, osds):
+            if int(osd["partition_count"]) != self.dp:
+                raise CheckpointError(f"{path}: partitioned over {int(osd['partition_count'])} DP ranks but "
+                                      f"{self.dp} optimizer files were found; the checkpoint is incomplete")
+            groups = list(osd["fp32_flat_groups"])
+            states = [_group_state(osd["optimizer_state_dict"], g, path) for g in range(len(groups))]
+            self.step = _step_of(states[0]) if self.step is None else self.step
+            per_rank.append({"weight": groups, **{key: [s[key] for s in states] for key in MOMENTS}})
+        self.step = self.step or 0.0
+        self._zero3_ranks = per_rank
+        offset = 0
+        length = sum(t.numel() for t in per_rank[0]["weight"])
+        for name, shape in self.shapes.items():
+            n = _numel(shape)
+            part = math.ceil(n / self.dp)
+            if offset + part > length:
+                raise CheckpointError(f"{self.where}: flat ZeRO-3 partitions are shorter than the parameters "
+                                      f"need; a DP rank's optimizer file is missing or damaged")
+            self._where[name] = ({}, offset, n)
+            offset += part
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{"weight", "exp_avg", "exp_avg_sq"} of parameter `name`, in its (model-parallel-local) shape."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.where}: no parameter {name!r} in the optimizer partitions (they hold "
+                                  f"{len(self._where)} parameters); was the checkpoint saved by another model?")
+        pieces, offset, n = self._where[name]
+        shape = self.shapes[name]
+        if self.stage in (1, 2):
+            return {k: _narrow_cat(v, offset, n).view(shape) for k, v in pieces.items()}
+        part = math.ceil(n / self.dp)
+        return {k: torch.cat([_narrow_cat(r[k], offset, part) for r in self._zero3_ranks])[:n].view(shape).clone()
+                for k in ("weight",) + MOMENTS}
+
+
 def merge_zero12(optim_files: list[tuple[str, dict]], param_shapes: list[dict]) -> tuple[Merged, float]:
     """`optim_files`: (path, loaded dict) of every DP rank, in DP order."""
-    where = optim_files[0][0]
-    osd0 = optim_files[0][1]["optimizer_state_dict"]
-    if int(osd0["zero_stage"]) not in (1, 2):
-        raise CheckpointError(f"{where}: expected a ZeRO-1/2 optimizer file, found stage {int(osd0['zero_stage'])}")
-    paddings = osd0.get("param_alignment_paddings")
-    out: Merged = {}
-    step = None
-    for g, shapes in enumerate(param_shapes):
-        flats: dict[str, torch.Tensor] = {}
-        flats["weight"] = torch.cat([sd["optimizer_state_dict"]["single_partition_of_fp32_groups"][g]
-                                     for _, sd in optim_files])
-        states = [_group_state(sd["optimizer_state_dict"]["base_optimizer_state"], g, path) for path, sd in optim_files]
-        for key in MOMENTS:
-            flats[key] = torch.cat([s[key] for s in states])
-        step = _step_of(states[0]) if step is None else step
-        offset = 0
-        for i, (name, shape) in enumerate(shapes.items()):
-            n = _numel(shape)
-            if offset + n > flats["weight"].numel():
-                raise CheckpointError(f"{where}: param group {g} holds {flats['weight'].numel()} elements, fewer "
-                                      f"than its parameters need; a DP rank's optimizer file is missing or damaged")
-            out[name] = {k: v.narrow(0, offset, n).view(tuple(shape)).clone() for k, v in flats.items()}
-            offset += n + (int(paddings[g][i]) if paddings else 0)
-    return out, step or 0.0
+    parts = ZeroPartitions(optim_files, param_shapes)
+    if parts.stage not in (1, 2):
+        raise CheckpointError(f"{parts.where}: expected a ZeRO-1/2 optimizer file, found stage {parts.stage}")
+    return {name: parts.tensors(name) for name in parts.names}, parts.step
 
 
 def merge_zero3(optim_files: list[tuple[str, dict]], param_shapes: list[dict]) -> tuple[Merged, float]:
-    where = optim_files[0][0]
-    dp = len(optim_files)
-    per_rank: list[dict[str, torch.Tensor]] = []
-    step = None
-    for path, sd in optim_files:
-        osd = sd["optimizer_state_dict"]
-        if int(osd["zero_stage"]) != 3:
-            raise CheckpointError(f"{path}: expected a ZeRO-3 optimizer file, found stage {int(osd['zero_stage'])}")
-        if int(osd["partition_count"]) != dp:
-            raise CheckpointError(f"{path}: partitioned over {int(osd['partition_count'])} DP ranks but {dp} "
-                                  f"optimizer files were found; the checkpoint is incomplete")
-        groups = osd["fp32_flat_groups"]
-        states = [_group_state(osd["optimizer_state_dict"], g, path) for g in range(len(groups))]
-        step = _step_of(states[0]) if step is None else step
-        flats = {"weight": torch.cat(list(groups))}
-        for key in MOMENTS:
-            flats[key] = torch.cat([s[key] for s in states])
-        per_rank.append(flats)
-    merged_shapes = {k: v for group in param_shapes for k, v in group.items()}
-    out: Merged = {}
-    offset = 0
-    for name, shape in merged_shapes.items():
-        n = _numel(shape)
-        part = math.ceil(n / dp)
-        if offset + part > per_rank[0]["weight"].numel():
-            raise CheckpointError(f"{where}: flat ZeRO-3 partitions are shorter than the parameters need; "
-                                  f"a DP rank's optimizer file is missing or damaged")
-        out[name] = {k: torch.cat([r[k].narrow(0, offset, part) for r in per_rank])[:n].view(tuple(shape)).clone()
-                     for k in per_rank[0]}
-        offset += part
-    return out, step or 0.0
+    parts = ZeroPartitions(optim_files, param_shapes)
+    if parts.stage != 3:
+        raise CheckpointError(f"{parts.where}: expected a ZeRO-3 optimizer file, found stage {parts.stage}")
+    return {name: parts.tensors(name) for name in parts.names}, parts.step
 
 
 def unflatten_torch_optimizer(opt_state: dict, names_by_group: list[list[str]], where: str) -> tuple[Merged, float]:

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -137,10 +137,11 @@ def _raise_first(messages: list, own: Optional[BaseException], root: str, tmp_di
     raise CheckpointError(first)
 
 
-def check_compatible(meta: dict, expected: dict, where: str) -> None:
-    """Refuse to load a checkpoint saved with another model or layout (until resharding is used)."""
+def check_compatible(meta: dict, expected: dict, where: str, elastic: bool = False) -> None:
+    """Refuse to load a checkpoint saved with another model or layout (`elastic`: the data-parallel size
+    may differ, megalm/training/elastic.py; anything else needs `megalm-reshard`)."""
     problems = []
-    for key in ("tp", "pp", "dp", "zero_stage"):
+    for key in ("tp", "pp", "zero_stage") + (() if elastic else ("dp",)):
         if meta["layout"].get(key) != expected["layout"].get(key):
             problems.append(f"{key}: checkpoint {meta['layout'].get(key)} vs this run {expected['layout'].get(key)}")
     for key, value in expected["model"].items():
@@ -152,15 +153,19 @@ def check_compatible(meta: dict, expected: dict, where: str) -> None:
             + "\n  ".join(problems) + "\nResume with the checkpoint's layout, or convert it with `megalm-reshard`.")
 
 
-def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta: dict) -> Optional[TrainState]:
-    """Collective. Loads `tag` (or `latest` when None); returns None when there is nothing to resume."""
+def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta: dict,
+                    load_at_new_dp: Optional[Callable[[str, dict], None]] = None) -> Optional[TrainState]:
+    """Collective. Loads `tag` (or `latest` when None); returns None when there is nothing to resume.
+    `load_at_new_dp(step_dir, saved_layout)`: how to load a step saved at another data-parallel size
+    (megalm/training/elastic.py); without it such a step is refused."""
     root = checkpoint_root(run_dir)
     if tag is None:
         tag = read_latest(root)
         if tag is None:
             return None
     meta = read_meta(root, tag)
-    check_compatible(meta, expected_meta, os.path.join(root, tag))
+    check_compatible(meta, expected_meta, os.path.join(root, tag), elastic=load_at_new_dp is not None)
+    dp_changed = meta["layout"].get("dp") != expected_meta["layout"].get("dp")
     # Rank 0 checks every .pt of the step and all ranks raise the same error: a truncated file seen by
     # one rank only (its optimizer shard) would otherwise leave its peers waiting in a collective.
     problem = [broadcast_object(first_problem(os.path.join(root, tag), meta["layout"], quick=True)
@@ -168,8 +173,12 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
     if problem[0] is not None:
         raise unreadable_checkpoint(root, tag, *problem[0])
     try:
-        load_path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+        if dp_changed and load_at_new_dp is not None and int(meta["layout"].get("zero_stage", 0)) > 0:
+            load_at_new_dp(os.path.join(root, tag), meta["layout"])
+            load_path = root
+        else:  # the saved layout, or ZeRO-0 (nothing is partitioned over DP: DeepSpeed reads it at any dp)
+            load_path, client = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=True)
     except RuntimeError:  # torch's "PytorchStreamReader failed ...": find and name the file (CRCs too)
         found = first_problem(os.path.join(root, tag), meta["layout"], quick=False)
         if found is None:
@@ -178,7 +187,7 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {os.path.join(root, tag)}")
     rng = rng_file(os.path.join(root, tag), dist.get_rank())
-    if os.path.isfile(rng):
+    if os.path.isfile(rng) and not dp_changed:  # after a dp change rank N is not the saved rank N
         torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
     return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"],
                       skipped_steps=meta.get("skipped_steps", 0))

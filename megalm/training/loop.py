@@ -22,14 +22,15 @@ from megalm.config.run import RunConfig
 from megalm.data import build_datasets, micro_batches_for_step
 from megalm.model.flops import flops_per_token
 from megalm.parallel.cross_entropy import perplexity
-from megalm.parallel.device import any_rank, dist_backend, select_device
+from megalm.parallel.device import any_rank, dist_backend, gather_objects, select_device
 from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
 
 from . import checkpoint as ckpt
+from . import elastic
 from . import init_from
 from . import resume as resume_rules
 from .engine import Engine, build_engine
-from .faults import act, nan_at, parse_faults
+from .faults import act, nan_at, parse_faults, stop_after
 from .launch_env import LaunchEnv
 from .metrics import Heartbeat, MetricsLogger, peak_memory_gib
 from .signals import StopRequest, stack_file
@@ -61,6 +62,13 @@ def checkpoint_meta(cfg: RunConfig, engine: Engine, world_size: int) -> dict:
     }
 
 
+def _global_sample_ids(batches: list[tuple], dp_rank: int) -> list[int]:
+    """Collective: the dataset indices of this step's global batch, sorted (each data-parallel rank's
+    micro-batches once; TP and pipeline peers read the same ones)."""
+    per_rank = gather_objects((dp_rank, [i for b in batches for i in b[2]]))
+    return sorted(i for ids in dict(per_rank).values() for i in ids)
+
+
 def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack_dump: bool = True) -> int:
     """Run training to `train.train_steps`; returns the process exit code (0 also after a signal stop,
     2 when another live run holds the run directory: megalm/runlock.py)."""
@@ -68,7 +76,10 @@ def train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str] = None, stack
 
     from megalm import runlock
 
-    accum = cfg.check_launch(launch.world_size)  # bad layout/batch/paths fail before any process group
+    # Bad layout/batch/paths fail before any process group; a resume at another data-parallel size is
+    # checked first, so a world its global batch cannot split over is told which world sizes can.
+    resume_rules.check_resume_layout(cfg, launch.world_size, resume)
+    accum = cfg.check_launch(launch.world_size)
     device = select_device(launch.local_rank)
     deepspeed.init_distributed(dist_backend=dist_backend(), auto_mpi_discovery=False, timeout=PROCESS_GROUP_TIMEOUT,
                                init_method="env://", rank=launch.rank, world_size=launch.world_size)
@@ -106,6 +117,9 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
     # built: a refused change fails fast, and an allowed batch change needs a longer sample index.
     point = resume_rules.find_resume_point(t.run_dir, resume)
     changes = resume_rules.resume_changes(point, cfg, file_sha256(cfg.data.tokenizer)) if point else []
+    elastic_change = resume_rules.check_layout(point, cfg, launch.world_size) if point else None
+    if elastic_change is not None:
+        changes = resume_rules.record_elastic_change(changes, point, elastic_change)
     source = init_from.prepare(cfg, point, file_sha256(cfg.data.tokenizer))  # only when starting fresh
     train_ds, valid_ds, _ = build_datasets(cfg.data, train_samples=resume_rules.train_samples_needed(point, t),
                                            valid_samples=t.eval_iters * samples_per_step if t.eval_interval else 0,
@@ -116,10 +130,18 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
     state = ckpt.TrainState()
     if point is not None:
         meta["resume_changes"] = changes
-        state = ckpt.load_checkpoint(engine.ds, t.run_dir, point.tag, meta)
+        state = ckpt.load_checkpoint(engine.ds, t.run_dir, point.tag, meta,
+                                     load_at_new_dp=lambda step_dir, saved: elastic.load_at_new_dp(engine, step_dir, saved))
         resume_rules.override_schedule(engine.ds, t)  # the schedule is the current config's
         if rank == 0:
             print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
+        if elastic_change is not None:
+            record = elastic.record_elastic_resume(t.run_dir, state.step, elastic_change.old, elastic_change.new,
+                                                   elastic_change.old_accumulation, elastic_change.new_accumulation)
+            if rank == 0:
+                print(f"elastic resume: data-parallel size {record['old_layout'].get('dp')} -> "
+                      f"{record['new_layout']['dp']}, gradient accumulation {elastic_change.old_accumulation} -> "
+                      f"{elastic_change.new_accumulation} (global batch {t.global_batch_size} kept)", flush=True)
     elif source is not None:
         init_from.load_weights(engine, source, cfg)
 
@@ -141,7 +163,11 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
     while state.step < t.train_steps:
         act(faults, state.step, rank)
         heartbeat.beat(state.step)
-        batches = micro_batches_for_step(train_ds, consumed_samples=state.consumed_samples, **batch_args)
+        batches = micro_batches_for_step(train_ds, consumed_samples=state.consumed_samples,
+                                         with_indices=t.log_sample_ids, **batch_args)
+        if t.log_sample_ids:
+            logger.record(state.step + 1, "samples", {"sample_ids": _global_sample_ids(batches, grid.dp_rank)})
+            batches = [b[:2] for b in batches]
         loss = engine.train_step(batches, poison=nan_at(faults, state.step + 1))  # logged as step + 1
         grad_norm = engine.grad_norm()
         state.step += 1
@@ -185,7 +211,7 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
                                                                 **batch_args))
                         for i in range(t.eval_iters)) / t.eval_iters
             logger.log(state.step, {"loss": vloss, "ppl": perplexity(vloss)}, prefix="valid")
-        if any_rank(stop.requested):
+        if any_rank(stop.requested or stop_after(faults, state.step)):
             save()
             if rank == 0:
                 print(f"stop signal received: checkpoint at step {state.step} written, exiting", flush=True)

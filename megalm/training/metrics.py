@@ -42,6 +42,12 @@ class MetricsLogger:
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
             self.writer.flush()
 
+    def record(self, step: int, kind: str, values: dict) -> None:
+        """A metrics.jsonl line that is not a scalar (not printed, not in TensorBoard)."""
+        if self.enabled:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

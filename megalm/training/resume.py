@@ -7,6 +7,10 @@ Allowed and recorded in megalm.json `resume_changes` ([{step, field, old, new}],
 resumes): the data blend (paths, weights — Megatron allows it too) and the global batch (a batch ramp):
 consumed_samples continues and the sample index is rebuilt for the new blend. The schedule fields are
 recorded as well, since a new LR changes the run's history as much.
+Layout (`check_layout`, before any process group): tp, pp and the ZeRO stage must be the checkpoint's
+(another one needs `megalm-reshard`); the data-parallel size may change (an elastic restart on fewer or
+more nodes, megalm/training/elastic.py) when the global batch still splits over it: the gradient
+accumulation changes instead, so every step still consumes the same samples.
 LR schedule: always the current config's (Megatron's `--override-opt_param-scheduler`): lr, min_lr,
 warm-up and decay apply at the resumed step. DeepSpeed restores the scheduler's base LRs from the
 checkpoint, which combined with the new config's factor gave an LR below min_lr (1e-2 over a 3e-3
@@ -52,6 +56,71 @@ def find_resume_point(run_dir: str, resume: Optional[str]) -> Optional[ResumePoi
     return ResumePoint(tag, read_meta(root, tag))
 
 
+FIXED_LAYOUT = ("tp", "pp", "zero_stage")
+
+
+@dataclass
+class ElasticChange:
+    """A resume at another data-parallel size: the checkpoint's layout and this run's."""
+
+    old: dict
+    new: dict
+    old_accumulation: int
+    new_accumulation: int
+
+
+def allowed_world_sizes(cfg: RunConfig) -> list[int]:
+    """Every world size this run's layout and global batch can train on (tp*pp*dp with dp dividing
+    global_batch_size / micro_batch_size)."""
+    t = cfg.train
+    per_dp = t.global_batch_size // t.micro_batch_size if t.global_batch_size % t.micro_batch_size == 0 else 0
+    model_parallel = cfg.parallel.tp * cfg.parallel.pp
+    return [model_parallel * dp for dp in range(1, per_dp + 1) if per_dp % dp == 0]
+
+
+def check_layout(point: ResumePoint, cfg: RunConfig, world_size: int) -> Optional[ElasticChange]:
+    """Before any process group: can `world_size` processes of this config resume `point`? None when the
+    layout is the checkpoint's; an ElasticChange when only the data-parallel size differs; otherwise a
+    CheckpointError saying what may change and how to convert the rest."""
+    old = dict(point.meta.get("layout") or {})
+    where = meta_file(point.tag)
+    p = cfg.parallel
+    new_fixed = {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage}
+    differ = [f"{k}: checkpoint {old.get(k)} vs this run {v}" for k, v in new_fixed.items() if old.get(k) != v]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume {where} with another model-parallel layout ({'; '.join(differ)}): a resume may change "
+            f"only the data-parallel size (the number of nodes). Convert the checkpoint first: megalm-reshard "
+            f"--checkpoint {cfg.train.run_dir} --output NEW_RUN_DIR --tp {p.tp} --pp {p.pp} --zero-stage "
+            f"{p.zero_stage}, then resume NEW_RUN_DIR; or set parallel.tp/pp/zero_stage back to the checkpoint's")
+    model_parallel = p.tp * p.pp
+    allowed = allowed_world_sizes(cfg)
+    t = cfg.train
+    dp = world_size // model_parallel
+    if world_size % model_parallel or t.global_batch_size % (t.micro_batch_size * dp):
+        raise CheckpointError(
+            f"cannot resume {where} (saved at dp={old.get('dp')}, world size {old.get('world_size')}) on "
+            f"{world_size} processes: train.global_batch_size {t.global_batch_size} must split into "
+            f"micro_batch_size {t.micro_batch_size} x dp x gradient accumulation, with dp = world size / (tp*pp "
+            f"= {model_parallel}). World sizes that keep the global batch: {allowed}; or change "
+            f"train.global_batch_size (recorded as a batch change) or train.micro_batch_size")
+    if int(old.get("dp", dp)) == dp:
+        return None
+    old_dp = int(old["dp"])
+    new = {"tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "world_size": world_size}
+    old_batch = ((point.meta.get("config") or {}).get("train") or {})
+    old_micro = int(old_batch.get("micro_batch_size", t.micro_batch_size))
+    old_global = int(old_batch.get("global_batch_size", t.global_batch_size))
+    return ElasticChange(old=old, new=new, old_accumulation=old_global // (old_micro * old_dp),
+                         new_accumulation=t.global_batch_size // (t.micro_batch_size * dp))
+
+
+def check_resume_layout(cfg: RunConfig, world_size: int, resume: Optional[str]) -> Optional[ElasticChange]:
+    """`check_layout` for the checkpoint `--resume` names (None when starting fresh)."""
+    point = find_resume_point(cfg.train.run_dir, resume)
+    return check_layout(point, cfg, world_size) if point is not None else None
+
+
 def _field(d: dict, dotted: str) -> Any:
     section, name = dotted.split(".")
     return (d.get(section) or {}).get(name)
@@ -76,6 +145,13 @@ def resume_changes(point: ResumePoint, cfg: RunConfig, tokenizer_sha256: Optiona
     changes += [{"step": point.step, "field": f, "old": _field(old, f), "new": _field(new, f)}
                 for f in RECORDED_FIELDS if _field(old, f) != _field(new, f)]
     return changes
+
+
+def record_elastic_change(changes: list[dict], point: ResumePoint, change: ElasticChange) -> list[dict]:
+    """`changes` plus this resume's data-parallel size and gradient accumulation (megalm.json)."""
+    return changes + [{"step": point.step, "field": "layout.dp", "old": change.old.get("dp"), "new": change.new["dp"]},
+                      {"step": point.step, "field": "gradient_accumulation_steps", "old": change.old_accumulation,
+                       "new": change.new_accumulation}]
 
 
 def train_samples_needed(point: Optional[ResumePoint], train: TrainConfig) -> int:
