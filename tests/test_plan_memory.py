@@ -51,4 +51,6 @@ def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp
     measured = max(r["peak_bytes"] for r in results)
     predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac), seq, gb, Hardware.cpu()).total
     err = predicted / measured - 1
+    print(f"memory tp{tp} pp{pp} dp{dp} z{zero}{' ac' if ac else ''} {model} seq {seq}: predicted "
+          f"{predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB ({err:+.1%})")
     assert abs(err) <= TOLERANCE, f"predicted {predicted / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB ({err:+.1%})"

@@ -28,7 +28,8 @@ With activation checkpointing a layer keeps its input (h) and one layer is recom
 pipeline's first stage holds min(pp, micro-batches) micro-batches in flight (1F1B). The loss adds the
 logits and the cross-entropy's float copies (3 x V/tp floats, plus the bf16 logits).
 
-Buffers: DeepSpeed's ZeRO reduce bucket (reduce_bucket_size = 5e8 elements, allocated whole: fp32 for
+Buffers: DeepSpeed's ZeRO reduce bucket (`megalm.config.zero_buckets`: DeepSpeed's 5e8 elements or the
+model's TP-shard parameter count if smaller, as the trainer configures it; allocated whole: fp32 for
 ZeRO-1 and on CPU, the gradient dtype otherwise; a second one on the pipeline path), ZeRO-3's
 reduce-scatter staging (one full gradient copy), and on a GPU a fixed reserve (CUDA context, cuBLAS/NCCL
 workspaces) plus a fragmentation margin of the caching allocator.
@@ -39,11 +40,11 @@ import math
 from dataclasses import dataclass, field
 
 from megalm.config.model import ModelConfig
+from megalm.config.zero_buckets import zero_bucket_elements
 
 from .layouts import Layout
 
 GIB = 2**30
-REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size (elements); our config keeps it
 ZERO3_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters / max_reuse_distance defaults
 
 
@@ -162,11 +163,12 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch
         extra_step = max(fwd_peak, step_peak) - act  # gradients / step temporaries, reported under buffers
         # ---- buffers
         buffers = 0.0
+        bucket = zero_bucket_elements(cfg, tp)  # the trainer's reduce_bucket_size
         if z in (1, 2):
             bucket_bytes = 4 if (fp32 or z == 1) else 2
-            buffers += REDUCE_BUCKET * bucket_bytes * (2 if pp > 1 else 1)
+            buffers += bucket * bucket_bytes * (2 if pp > 1 else 1)
         if z == 3:
-            buffers += REDUCE_BUCKET * (4 if fp32 else 2) + min(P, REDUCE_BUCKET) * (4 if fp32 else 2)
+            buffers += bucket * (4 if fp32 else 2) + min(P, bucket) * (4 if fp32 else 2)
         e.buffers = buffers + extra_step
         e.parts = {"stage": s, "fwd_peak_act": fwd_peak, "step_transient": step_peak}
         tensors = e.total

@@ -6,6 +6,7 @@ import copy
 
 from megalm.config.deepspeed_overrides import check_deepspeed_overrides
 from megalm.config.run import RunConfig
+from megalm.config.zero_buckets import zero_bucket_elements
 
 from .optimizer import uses_guarded_optimizer
 
@@ -31,10 +32,18 @@ def build_deepspeed_config(cfg: RunConfig, dp: int) -> dict:
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "checkpoint": {"tag_validation": "FAIL"},
     }
-    if cfg.parallel.zero_stage >= 2:
+    zero = cfg.parallel.zero_stage
+    if zero >= 1:
+        # Buckets sized to the model (megalm.config.zero_buckets): DeepSpeed's 5e8-element defaults are
+        # allocated whole, ~1.9 GB per rank even for a tiny model.
+        bucket = zero_bucket_elements(cfg.model, cfg.parallel.tp)
+        ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if zero >= 2:
         ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
-    if cfg.parallel.zero_stage == 3:
-        # Gather small parameters eagerly, partition the rest; keep a deterministic order for exact resume.
+    if zero == 3:
+        # Every parameter partitioned and gathered on use, no prefetch: what the planner's memory model
+        # and the ZeRO-3 measurements assume. (DeepSpeed's defaults, which keep parameters under 1e5
+        # elements whole and prefetch, are the next tuning step: issue 11, bench/train.py measures both.)
         ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if t.precision == "bf16":
         # Under pipeline parallelism gradients must accumulate in fp32 (DESIGN decision 5).
