@@ -1,11 +1,11 @@
 """`megalm-launch`: SLURM submission, the restart supervisor, run status and checkpoint upkeep.
 
-  megalm-launch slurm submit --config RUN.yaml --nodes N --gpus-per-node G [--partition P] [--account A]
+  megalm-launch slurm submit --config RUN.yaml --nodes N|MIN-MAX --gpus-per-node G [--partition P] [--account A]
         [--time HH:MM:SS] [--constraint C] [--sbatch-extra '#SBATCH ...'] [--launcher srun|deepspeed]
         [--grace S] [--cpu-only] [--env K=V] [--max-restarts K] [--dry-run] [-- section.field=value ...]
   megalm-launch status [JOB] --run-dir DIR [--json]
   megalm-launch run --run-dir DIR [--max-restarts K] [--backoff S] [--hang-timeout S]
-        [--same-step-limit K] -- COMMAND ...
+        [--same-step-limit K] [--min-nodes N [--node-counts 1,2,4]] -- COMMAND ...
   megalm-launch ckpt list|verify|prune --run-dir DIR [--keep-last N] [--keep-every K]
   megalm-launch hostfile --slots G [--nodelist LIST] [--output FILE]     (used inside jobs)
 """
@@ -19,7 +19,7 @@ import time
 
 from megalm import rundir
 
-from . import checkpoints, hostfile, sbatch, slurm, status
+from . import checkpoints, elastic, hostfile, sbatch, slurm, status
 from .supervisor import Supervisor, SupervisorOptions
 
 
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("slurm", help="SLURM jobs").add_subparsers(dest="slurm_cmd", required=True)
     s = sl.add_parser("submit", help="render the sbatch script and submit it (arguments after -- are config overrides)")
     s.add_argument("--config", required=True, help="run config YAML")
-    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--nodes", default="1", metavar="N|MIN-MAX",
+                   help="node count, or a range: SLURM may start the job on MIN..MAX nodes and it continues on "
+                        "the nodes left after a node failure (elastic; the layout must allow MIN and MAX)")
+    s.add_argument("--min-nodes", type=int, default=None, help="same as --nodes MIN-N")
     s.add_argument("--gpus-per-node", type=int, default=1, help="also the number of tasks per node (one per GPU)")
     s.add_argument("--partition")
     s.add_argument("--account")
@@ -80,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--kill-grace", type=float, default=10.0, help="seconds between TERM and KILL when killing")
     r.add_argument("--no-restart-codes", default="2", help="comma-separated exit codes never restarted")
     r.add_argument("--no-add-resume", action="store_true", help="do not append `--resume auto` on restarts")
+    r.add_argument("--min-nodes", type=int, default=0,
+                   help="elastic, inside a SLURM allocation: run the srun command on the job's nodes that are left "
+                        "(re-rendering --nodes/--ntasks/--nodelist) while at least this many are; fewer: exit "
+                        f"{elastic.EXIT_TOO_FEW_NODES} (the sbatch script requeues the job)")
+    r.add_argument("--node-counts", default="", metavar="1,2,4",
+                   help="with --min-nodes: the node counts the layout can use (default: any)")
+    r.add_argument("--settle-timeout", type=float, default=60.0,
+                   help="with --min-nodes: seconds to wait for SLURM to decide about a node that stopped answering")
 
     c = sub.add_parser("ckpt", help="list, verify or prune checkpoints")
     c.add_argument("action", choices=("list", "verify", "prune"))
@@ -107,7 +118,9 @@ def _human_size(n: int) -> str:
 
 
 def _cmd_submit(args, overrides: list[str]) -> int:
-    spec = sbatch.JobSpec(config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+    min_nodes, max_nodes = elastic.parse_node_range(args.nodes, args.min_nodes)
+    spec = sbatch.JobSpec(config=args.config, nodes=max_nodes, min_nodes=min_nodes if min_nodes < max_nodes else None,
+                          gpus_per_node=args.gpus_per_node,
                           partition=args.partition, account=args.account, time=args.time, constraint=args.constraint,
                           cpus_per_task=args.cpus_per_task, sbatch_extra=args.sbatch_extra, launcher=args.launcher,
                           grace=args.grace, cpu_only=args.cpu_only, job_name=args.job_name, overrides=overrides,
@@ -128,11 +141,34 @@ def _cmd_run(args, command: list[str]) -> int:
               "--config run.yaml", file=sys.stderr)
         return 2
     codes = tuple(int(c) for c in args.no_restart_codes.split(",") if c.strip())
-    opts = SupervisorOptions(run_dir=args.run_dir, command=command, max_restarts=args.max_restarts,
+    counts = _elastic_run_options(args, command)
+    opts = SupervisorOptions(min_nodes=args.min_nodes, node_counts=counts, settle_timeout=args.settle_timeout,
+                             run_dir=args.run_dir, command=command, max_restarts=args.max_restarts,
                              backoff=args.backoff, backoff_max=args.backoff_max, hang_timeout=args.hang_timeout,
                              startup_timeout=args.startup_timeout, same_step_limit=args.same_step_limit,
                              kill_grace=args.kill_grace, no_restart_codes=codes, add_resume=not args.no_add_resume)
     return Supervisor(opts).run()
+
+
+def _elastic_run_options(args, command: list[str]) -> tuple[int, ...]:
+    """Checks `run --min-nodes/--node-counts` before anything starts; returns the node counts."""
+    if args.min_nodes < 0 or (args.node_counts and not args.min_nodes):
+        raise elastic.ElasticError(f"--min-nodes must be >= 1 (got {args.min_nodes}); --node-counts needs it")
+    if not args.min_nodes:
+        return ()
+    elastic.tasks_per_node(command)  # the command must be srun ... --ntasks-per-node=G
+    if not os.environ.get("SLURM_JOB_ID"):
+        raise elastic.ElasticError("--min-nodes: not inside a SLURM allocation (SLURM_JOB_ID is unset); it reads the "
+                                   "job's nodes from SLURM: run it in an sbatch script (megalm-launch slurm submit "
+                                   "--nodes MIN-MAX writes one) or drop --min-nodes")
+    try:
+        counts = tuple(sorted({int(c) for c in args.node_counts.split(",") if c.strip()}))
+    except ValueError:
+        raise elastic.ElasticError(f"--node-counts {args.node_counts!r}: expected comma-separated node counts, "
+                                   "e.g. 1,2,4") from None
+    if counts and (counts[0] < 1 or not any(c >= args.min_nodes for c in counts)):
+        raise elastic.ElasticError(f"--node-counts {args.node_counts}: no count >= --min-nodes {args.min_nodes}")
+    return counts
 
 
 def _cmd_ckpt(args) -> int:
@@ -214,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 sys.stdout.write(hostfile.render_hostfile(hostfile.expand_nodelist(nodelist), args.slots))
             return 0
-    except (sbatch.SubmitError, slurm.SlurmError) as e:
+    except (sbatch.SubmitError, slurm.SlurmError, elastic.ElasticError) as e:
         print(f"megalm-launch: {e}", file=sys.stderr)
         return 2
     return 2

@@ -4,6 +4,12 @@ One task per GPU: `--ntasks-per-node` = `--gpus-per-node`. On CPU-only clusters 
 request is left out but the task count per node stays `--gpus-per-node`, so the same layout runs.
 The job always runs the trainer with `--resume auto`: the first start finds no checkpoint and starts
 fresh; a requeued start continues from `latest`.
+
+Elastic jobs (`--nodes MIN-MAX`, DESIGN decision 44): `#SBATCH --nodes=MIN-MAX` with `--mincpus` instead of
+`--ntasks-per-node` (with a task count SLURM allocates the minimum of the range), the step under
+`megalm-launch run --min-nodes MIN`, which runs srun on the nodes the allocation has; with `--max-restarts`
+> 0 also `--no-kill`, so a failed node leaves the allocation instead of ending the job, and the supervisor
+restarts on the nodes that are left. Too few left: the supervisor exits 75 and the script requeues the job.
 """
 from __future__ import annotations
 
@@ -15,11 +21,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
-
 from megalm import rundir
 
+from . import elastic
 from . import slurm
+from .run_config import config_values
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates", "job.sbatch.tmpl")
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -33,8 +39,9 @@ class SubmitError(ValueError):
 @dataclass
 class JobSpec:
     config: str
-    nodes: int = 1
+    nodes: int = 1  # the maximum when min_nodes is set
     gpus_per_node: int = 1
+    min_nodes: Optional[int] = None  # < nodes: elastic, SLURM may start (and the run continue) on MIN..nodes
     partition: Optional[str] = None
     account: Optional[str] = None
     time: Optional[str] = None
@@ -56,27 +63,18 @@ class JobSpec:
 
 def run_dir_of(config: str, overrides: list[str], workdir: str) -> str:
     """train.run_dir from the config and overrides (the last `train.run_dir=` wins), made absolute."""
-    run_dir = "runs/default"
-    try:
-        with open(config) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise SubmitError(f"--config {config}: cannot read it ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise SubmitError(f"--config {config}: not valid YAML: {e}") from None
-    train = data.get("train") if isinstance(data, dict) else None
-    if isinstance(train, dict) and train.get("run_dir"):
-        run_dir = str(train["run_dir"])
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and key.strip() == "train.run_dir":
-            run_dir = str(yaml.safe_load(value))
+    run_dir = str(config_values(config, overrides, {"train.run_dir": "runs/default"}, SubmitError)["train.run_dir"])
     return os.path.normpath(os.path.join(workdir, run_dir))
 
 
 def _validate(spec: JobSpec) -> None:
     if spec.nodes < 1:
         raise SubmitError(f"--nodes must be >= 1, got {spec.nodes}")
+    if spec.min_nodes is not None:
+        elastic.parse_node_range(str(spec.nodes), spec.min_nodes)  # refuses min > max, min < 1
+        if spec.min_nodes < spec.nodes and spec.launcher != "srun":
+            raise SubmitError(f"--nodes {spec.min_nodes}-{spec.nodes} needs --launcher srun: the restart supervisor "
+                              f"re-renders the srun command for the nodes that are left")
     if spec.gpus_per_node < 1:
         raise SubmitError(f"--gpus-per-node must be >= 1 (it is also the number of tasks per node), got {spec.gpus_per_node}")
     if spec.launcher not in ("srun", "deepspeed"):
@@ -119,6 +117,22 @@ def _train_args(spec: JobSpec) -> list[str]:
     return ["--config", os.path.abspath(os.path.join(spec.workdir, spec.config)), "--resume", "auto", *spec.overrides]
 
 
+def is_elastic(spec: JobSpec) -> bool:
+    return spec.min_nodes is not None and spec.min_nodes < spec.nodes
+
+
+def _node_directives(spec: JobSpec) -> str:
+    if not is_elastic(spec):
+        return f"#SBATCH --nodes={spec.nodes}\n#SBATCH --ntasks-per-node={spec.gpus_per_node}"
+    lines = [f"#SBATCH --nodes={spec.min_nodes}-{spec.nodes}",
+             "# CPUs per node, not --ntasks-per-node: with a task count SLURM allocates the minimum of the range",
+             f"#SBATCH --mincpus={spec.gpus_per_node * (spec.cpus_per_task or 1)}"]
+    if spec.max_restarts > 0:
+        lines += ["# A failed node leaves the allocation instead of ending the job; the step restarts on the rest",
+                  "#SBATCH --no-kill"]
+    return "\n".join(lines)
+
+
 def _launch(spec: JobSpec, run_dir: str) -> tuple[str, str]:
     """(setup lines, launch command) for the training step."""
     q = shlex.quote
@@ -139,8 +153,12 @@ def _launch(spec: JobSpec, run_dir: str) -> tuple[str, str]:
                "--master_addr", '"$MASTER_ADDR"', "--master_port", '"$MASTER_PORT"']
         cmd = ["--launcher_args=--kill-on-bad-exit=1", script, *_train_args(spec)]
         launch = " ".join(raw + [q(c) for c in cmd])
-    if spec.max_restarts > 0:
+    if spec.max_restarts > 0 or is_elastic(spec):
         sup = [spec.python, "-m", "launcher", "run", "--run-dir", run_dir, "--max-restarts", str(spec.max_restarts)]
+        if is_elastic(spec):
+            layout = elastic.read_batch_layout(os.path.join(spec.workdir, spec.config), spec.overrides)
+            counts = elastic.check_node_range(layout, spec.gpus_per_node, spec.min_nodes, spec.nodes)
+            sup += ["--min-nodes", str(spec.min_nodes), "--node-counts", ",".join(map(str, counts))]
         if spec.hang_timeout:
             sup += ["--hang-timeout", str(spec.hang_timeout)]
         launch = " ".join(q(c) for c in sup) + " -- " + launch
@@ -172,9 +190,15 @@ def render(spec: JobSpec, template_path: str = TEMPLATE) -> str:
         "slurm_dir_q": q(rundir.slurm_dir(run_dir)),
         "job_output": rundir.slurm_output_pattern(run_dir),
         "attempts_file_q": q(rundir.slurm_attempts_file(run_dir)),
-        "nodes": str(spec.nodes),
+        "nodes": f"{spec.min_nodes}-{spec.nodes}" if is_elastic(spec) else str(spec.nodes),
+        "node_directives": _node_directives(spec),
         "tasks_per_node": str(spec.gpus_per_node),
-        "world_size": str(spec.nodes * spec.gpus_per_node),
+        "world_size": (f"{spec.min_nodes * spec.gpus_per_node}-" if is_elastic(spec) else "")
+                      + str(spec.nodes * spec.gpus_per_node),
+        "too_few_nodes": "" if not is_elastic(spec) else (
+            f'if [ "$RC" = {elastic.EXIT_TOO_FEW_NODES} ]; then  # megalm-launch run: fewer than --min-nodes left\n'
+            f'  log "fewer than {spec.min_nodes} node(s) left: requeueing job $SLURM_JOB_ID onto '
+            f'{spec.min_nodes}-{spec.nodes} nodes"\n  scontrol requeue "$SLURM_JOB_ID"\n  exit 0\nfi'),
         "launcher": spec.launcher,
         "job_name": re.sub(r"[^A-Za-z0-9_.+-]", "_", spec.job_name or f"megalm-{os.path.basename(run_dir)}"),
         "resource_directives": "\n".join(resources),

@@ -59,6 +59,16 @@ def show_job(job_id: str) -> dict[str, str] | None:
     return parse_key_values(line) if line else None
 
 
+def show_nodes(nodes: list[str]) -> dict[str, dict[str, str]]:
+    """`scontrol show node -o A,B,...` as {NodeName: {Key: Value}} (State, NodeAddr, ...)."""
+    out = {}
+    for line in _run(["scontrol", "show", "node", "-o", ",".join(nodes)]).splitlines():
+        kv = parse_key_values(line)
+        if kv.get("NodeName"):
+            out[kv["NodeName"]] = kv
+    return out
+
+
 def hostnames(nodelist: str) -> list[str]:
     """Expand a nodelist like 'gpu[01-03],cpu7' with `scontrol show hostnames`."""
     return _run(["scontrol", "show", "hostnames", nodelist]).split()

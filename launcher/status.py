@@ -1,7 +1,10 @@
 """`megalm-launch status [JOB] --run-dir DIR`: where a run stands.
 
 SLURM state and restart count (`scontrol show job`), supervisor restarts (RUN_DIR/restarts.jsonl),
-the latest checkpoint step, and the last logged train step / loss / tokens per second (metrics.jsonl).
+each attempt's nodes and world size (RUN_DIR/slurm/attempts.jsonl: the job's starts and, under
+`megalm-launch run --min-nodes`, each job step), elastic resumes at another data-parallel size (the
+trainer's `elastic_resume` lines in restarts.jsonl), the latest checkpoint step, and the last logged
+train step / loss / tokens per second (metrics.jsonl).
 """
 from __future__ import annotations
 
@@ -44,6 +47,53 @@ def last_train_record(run_dir: str) -> Optional[dict]:
         return None
 
 
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line being appended right now
+                if isinstance(rec, dict):
+                    out.append(rec)
+    except OSError:
+        pass
+    return out
+
+
+def read_attempts(run_dir: str) -> list[dict]:
+    """One row per attempt, oldest first: each SLURM start of the job ({job_id, restart, step: None, nodes,
+    num_nodes, ntasks, exit_code}) and each job step the supervisor started in it (step = its attempt index)."""
+    rows: list[dict] = []
+    open_rows: dict[tuple, dict] = {}
+    for ev in _read_jsonl(rundir.slurm_attempts_file(run_dir)):
+        kind = ev.get("event")
+        key = (ev.get("job_id"), ev.get("restart"), ev.get("attempt") if kind in ("step", "step_end") else None)
+        if kind in ("start", "step"):
+            row = {"job_id": ev.get("job_id"), "restart": ev.get("restart"), "step": key[2], "nodes": ev.get("nodes"),
+                   "num_nodes": ev.get("num_nodes"), "ntasks": ev.get("ntasks"), "exit_code": None}
+            rows.append(row)
+            open_rows[key] = row
+        elif kind in ("end", "step_end") and key in open_rows:
+            open_rows[key]["exit_code"] = ev.get("exit_code")
+            if ev.get("preempted"):
+                open_rows[key]["preempted"] = True
+    return rows
+
+
+def read_elastic_resumes(run_dir: str) -> list[dict]:
+    """The trainer's resumes at another data-parallel size: {step, old_dp, new_dp, old_world, new_world}."""
+    out = []
+    for ev in read_restarts(run_dir):
+        if ev.get("event") == "elastic_resume":
+            old, new = ev.get("old_layout") or {}, ev.get("new_layout") or {}
+            out.append({"step": ev.get("step"), "old_dp": old.get("dp"), "new_dp": new.get("dp"),
+                        "old_world": old.get("world_size"), "new_world": new.get("world_size")})
+    return out
+
+
 def collect(run_dir: str, job_id: Optional[str] = None, query_slurm: bool = True) -> dict:
     jobs = recorded_jobs(run_dir)
     job_id = job_id or (jobs[-1] if jobs else None)
@@ -63,6 +113,8 @@ def collect(run_dir: str, job_id: Optional[str] = None, query_slurm: bool = True
     restarts = [r for r in read_restarts(run_dir) if r.get("event") == "restart"]
     out["supervisor_restarts"] = len(restarts)
     out["last_restart_reason"] = restarts[-1]["reason"] if restarts else None
+    out["attempts"] = read_attempts(run_dir)
+    out["elastic_resumes"] = read_elastic_resumes(run_dir)
     out["latest_checkpoint"] = read_latest(run_dir)
     out["latest_checkpoint_step"] = latest_complete_step(run_dir)
     rec = last_train_record(run_dir)
@@ -91,6 +143,14 @@ def format_status(st: dict) -> str:
         lines.append(f"slurm job:          - (none recorded in RUN_DIR/{rundir.SLURM_DIR}/{rundir.SLURM_JOBS_FILE})")
     lines.append(f"supervisor restarts: {st['supervisor_restarts']}"
                  + (f" (last: {st['last_restart_reason']})" if st["last_restart_reason"] else ""))
+    for a in st.get("attempts") or []:
+        what = f"job {a['job_id']} start {a['restart']}" if a["step"] is None else f"  step {a['step']}"
+        world = f"world size {fmt(a['ntasks'])} ({fmt(a['num_nodes'])} node(s))"
+        end = "running" if a["exit_code"] is None else f"exit {a['exit_code']}" + (" preempted" if a.get("preempted") else "")
+        lines.append(f"attempt:            {what:<22} {world:<28} nodes {fmt(a['nodes'])}  {end}")
+    for e in st.get("elastic_resumes") or []:
+        lines.append(f"elastic resume:     step {fmt(e['step'])}: dp {fmt(e['old_dp'])} -> {fmt(e['new_dp'])} "
+                     f"(world size {fmt(e['old_world'])} -> {fmt(e['new_world'])})")
     lines.append(f"latest checkpoint:  {fmt(st['latest_checkpoint'])} (step {fmt(st['latest_checkpoint_step'])})")
     loss = st["last_loss"]
     lines.append(f"last logged step:   {fmt(st['last_step'])}  loss {fmt(loss, '.4f') if isinstance(loss, (int, float)) else fmt(loss)}"

@@ -14,6 +14,9 @@ own process group. The supervisor:
   * stops with a clear message and exit code 1 when --same-step-limit attempts in a row fail at the
     same step (a deterministic crash would otherwise loop until the time limit);
   * does not restart exit codes listed in --no-restart-codes (default 2: a config error);
+  * with --min-nodes N (inside a SLURM allocation started with --no-kill): before each attempt asks SLURM
+    which of the job's nodes are left and re-renders the srun command for them (`launcher/elastic.py`);
+    fewer than N left: exit 75, on which the sbatch script requeues the job;
   * forwards SIGTERM/SIGUSR1/SIGINT to the command's processes as SIGTERM (the trainer checkpoints and
     exits 0) and then exits with the command's code, without restarting.
 Every restart and its reason is a JSON line in RUN_DIR/restarts.jsonl. The attempt number is exported
@@ -32,6 +35,7 @@ from typing import Optional
 
 from megalm import rundir
 
+from . import elastic
 from .checkpoints import latest_complete_step
 
 
@@ -49,6 +53,9 @@ class SupervisorOptions:
     no_restart_codes: tuple[int, ...] = (2,)
     poll_interval: float = 0.5
     add_resume: bool = True
+    min_nodes: int = 0  # > 0: elastic (see launcher/elastic.py); needs SLURM_JOB_ID and an srun command
+    node_counts: tuple[int, ...] = ()  # the node counts the layout can use (empty: any)
+    settle_timeout: float = 60.0  # how long to wait for SLURM to decide about a node that stopped answering
 
 
 @dataclass
@@ -232,10 +239,12 @@ class Supervisor:
         self._tree.clear()
 
     # -- one attempt -----------------------------------------------------------------------------------
-    def _run_attempt(self, index: int) -> Attempt:
+    def _run_attempt(self, index: int, plan: Optional[elastic.StepPlan] = None) -> Attempt:
         o = self.opts
-        cmd = command_for_attempt(o.command, index, o.add_resume)
+        cmd = command_for_attempt(plan.command if plan else o.command, index, o.add_resume)
         env = dict(os.environ, MEGALM_RESTART=str(index))
+        if plan is not None and plan.master_addr:
+            env["MASTER_ADDR"] = plan.master_addr  # rank 0 runs on the first node that is left
         log(f"attempt {index}: {' '.join(cmd)}")
         before = read_heartbeat(o.run_dir)
         last_seen = before
@@ -294,6 +303,19 @@ class Supervisor:
         with open(rundir.restarts_file(self.opts.run_dir), "a") as f:
             f.write(json.dumps(event) + "\n")
 
+    def _plan(self, index: int) -> Optional[elastic.StepPlan]:
+        o = self.opts
+        plan = elastic.plan_step(o.command, os.environ["SLURM_JOB_ID"], o.min_nodes, o.node_counts,
+                                 settle_timeout=o.settle_timeout if index else 0.0, overlap=index > 0)
+        if plan is None:
+            return None
+        if len(plan.nodes) < len(plan.left):
+            log(f"{len(plan.left)} node(s) left; the layout uses {len(plan.nodes)} (--node-counts "
+                f"{','.join(map(str, o.node_counts))}): {','.join(plan.left[len(plan.nodes):])} stay idle")
+        elastic.record_step(o.run_dir, dict(event="step", attempt=index, nodes=",".join(plan.nodes),
+                                  num_nodes=len(plan.nodes), ntasks=plan.ntasks))
+        return plan
+
     def run(self) -> int:
         o = self.opts
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
@@ -302,8 +324,24 @@ class Supervisor:
         failures_at_step: list[Optional[int]] = []
         restarts = 0
         index = 0
+        nodes: Optional[list[str]] = None
         while True:
-            attempt = self._run_attempt(index)
+            plan = self._plan(index) if o.min_nodes else None
+            if o.min_nodes and plan is None:
+                msg = (f"fewer than --min-nodes {o.min_nodes} usable node(s) left in job {os.environ['SLURM_JOB_ID']}; "
+                       f"exiting {elastic.EXIT_TOO_FEW_NODES} so that the job is requeued onto enough nodes")
+                log(msg)
+                self._record(dict(event="too_few_nodes", attempt=index, min_nodes=o.min_nodes, message=msg))
+                return elastic.EXIT_TOO_FEW_NODES
+            if plan is not None:
+                if nodes is not None and plan.nodes != nodes:
+                    log(f"attempt {index} runs on {len(plan.nodes)} node(s) instead of {len(nodes)}: {','.join(plan.nodes)}")
+                    failures_at_step.clear()  # another world: not the same failure repeating
+                nodes = plan.nodes
+            attempt = self._run_attempt(index, plan)
+            if plan is not None:
+                elastic.record_step(o.run_dir, dict(event="step_end", attempt=index, exit_code=attempt.exit_code,
+                                          reason=attempt.reason))
             if attempt.exit_code == 0 and not attempt.hung:
                 log(f"attempt {index} finished (exit 0)")
                 return 0

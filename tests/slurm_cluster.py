@@ -70,6 +70,9 @@ class SlurmCluster:
     pids: list[tuple[str, int]] = field(default_factory=list)
     env: dict = field(default_factory=dict)
     node_names: list[str] = field(default_factory=list)
+    # How long slurmctld waits for a silent slurmd before marking its node DOWN (and acting on its jobs).
+    slurmd_timeout: int = 10
+    message_timeout: Optional[int] = None  # SLURM's default is 10 s
 
     @property
     def conf(self) -> str:
@@ -126,8 +129,10 @@ class SlurmCluster:
             "SchedulerParameters=sched_interval=2,bf_interval=2", "MpiDefault=none", "MailProg=/bin/true",
             "ReturnToService=2", "AccountingStorageType=accounting_storage/none",
             "JobAcctGatherType=jobacct_gather/none", "JobCompType=jobcomp/filetxt",
-            f"JobCompLoc={r}/log/jobcomp.txt", "SlurmdTimeout=10", "MinJobAge=600", "KillWait=10",
+            f"JobCompLoc={r}/log/jobcomp.txt", f"SlurmdTimeout={self.slurmd_timeout}", "MinJobAge=600", "KillWait=10",
         ]
+        if self.message_timeout is not None:
+            lines.append(f"MessageTimeout={self.message_timeout}")
         for i, n in enumerate(self.node_names, start=1):
             lines.append(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={self.port + i} CPUs={cpus} "
                          f"Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={mem}")
@@ -153,6 +158,62 @@ class SlurmCluster:
         out = open(os.path.join(self.root, "log", f"{name}.stdout"), "w")
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.pids.append((name, proc.pid))
+
+    def job_processes(self, job_id: str, node: str) -> list[int]:
+        """PIDs of job `job_id`'s processes on `node`: its tasks (SLURMD_NODENAME=node, SLURM_JOB_ID=job in
+        their environment) and the slurmstepd above them. On this single host they outlive their slurmd."""
+        tasks = []
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    env = set(f.read().split(b"\0"))
+            except OSError:
+                continue
+            if f"SLURMD_NODENAME={node}".encode() in env and f"SLURM_JOB_ID={job_id}".encode() in env:
+                tasks.append(int(name))
+        stepds = set()
+        for pid in tasks:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+                with open(f"/proc/{ppid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"slurmstepd"):
+                        stepds.add(ppid)
+            except (OSError, ValueError):
+                continue
+        return sorted(stepds) + sorted(set(tasks) - stepds)
+
+    def kill_node(self, node: str, job_id: str) -> list[int]:
+        """What a node failure does: its slurmd and the job's processes on it die at once (SIGKILL).
+        Returns the job PIDs killed (slurmd aside)."""
+        pid = dict(self.pids)[f"slurmd-{node}"]
+        victims = self.job_processes(job_id, node)
+        for p in [pid, *victims]:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        self.pids = [(n, p) for n, p in self.pids if p != pid]
+        return victims
+
+    def restart_node(self, node: str, timeout: float = 60) -> None:
+        """Start `node`'s slurmd again and wait until SLURM has it back in service (ReturnToService=2)."""
+        self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", self.conf])
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.run(["sinfo", "-h", "-n", node, "-N", "-o", "%T"], check=False).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"node {node} not back in service within {timeout}s (state {state!r}):\n{self.logs()}")
 
     def logs(self, tail: int = 15) -> str:
         parts = []
@@ -222,14 +283,15 @@ class SlurmCluster:
 
 
 @contextlib.contextmanager
-def running_cluster(nodes: int = 2):
-    """Start a cluster for a test module (pytest.skip with the reason when it cannot run here)."""
+def running_cluster(nodes: int = 2, **settings):
+    """Start a cluster for a test module (pytest.skip with the reason when it cannot run here).
+    `settings`: SlurmCluster fields such as slurmd_timeout."""
     import pytest
 
     why = missing_requirements()
     if why:
         pytest.skip(why)
-    cluster = SlurmCluster(nodes=nodes).start()
+    cluster = SlurmCluster(nodes=nodes, **settings).start()
     try:
         yield cluster
     finally:
