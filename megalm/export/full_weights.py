@@ -84,10 +84,13 @@ def merge_tp(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.T
 def shard_for_tp(name: str, full: torch.Tensor, cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
     """This TP rank's slice of a full tensor (vocabulary padded with zero rows to tp*128 first)."""
     dim = tp_partition_dim(name)
-    if name in VOCAB_PARAMS:
-        padded = full.new_zeros((cfg.padded_vocab_size(tp),) + tuple(full.shape[1:]))
-        padded[: full.shape[0]] = full
-        full = padded
+    if name in VOCAB_PARAMS:  # only this rank's rows are built: no padded copy of the whole table
+        rows = cfg.padded_vocab_size(tp) // tp
+        start = rank * rows
+        out = full.new_zeros((rows,) + tuple(full.shape[1:]))
+        real = max(0, min(rows, full.shape[0] - start))
+        out[:real] = full[start:start + real]
+        return out
     if dim is None or tp == 1:
         return full.clone()
     if full.shape[dim] % tp != 0:

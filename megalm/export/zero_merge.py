@@ -146,18 +146,19 @@ class ZeroPartitions:
             self._where[name] = ({}, offset, n)
             offset += part
 
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """{"weight", "exp_avg", "exp_avg_sq"} of parameter `name`, in its (model-parallel-local) shape."""
+    def tensors(self, name: str, kinds: tuple[str, ...] = ("weight",) + MOMENTS) -> dict[str, torch.Tensor]:
+        """`kinds` of {"weight", "exp_avg", "exp_avg_sq"} of parameter `name`, in its (model-parallel-local)
+        shape; only those are assembled (a weights-only reader asks for ("weight",))."""
         if name not in self._where:
             raise CheckpointError(f"{self.where}: no parameter {name!r} in the optimizer partitions (they hold "
                                   f"{len(self._where)} parameters); was the checkpoint saved by another model?")
         pieces, offset, n = self._where[name]
         shape = self.shapes[name]
         if self.stage in (1, 2):
-            return {k: _narrow_cat(v, offset, n).view(shape) for k, v in pieces.items()}
+            return {k: _narrow_cat(pieces[k], offset, n).view(shape) for k in kinds}
         part = math.ceil(n / self.dp)
         return {k: torch.cat([_narrow_cat(r[k], offset, part) for r in self._zero3_ranks])[:n].view(shape).clone()
-                for k in ("weight",) + MOMENTS}
+                for k in kinds}
 
 
 def merge_zero12(optim_files: list[tuple[str, dict]], param_shapes: list[dict]) -> tuple[Merged, float]:

@@ -9,6 +9,8 @@ Each forward collective has the adjoint collective as its backward:
 
 `group=None` means "no tensor parallelism" (every function is the identity): it never means the
 world group, so a forgotten group can not silently reduce over data-parallel ranks.
+
+`send_to`/`recv_from` (no autograd) move hidden states between pipeline stages in evaluation.
 """
 from __future__ import annotations
 
@@ -115,3 +117,23 @@ def scatter_to_tp_region(x: torch.Tensor, group: Optional[ProcessGroup]) -> torc
 def gather_from_tp_region(x: torch.Tensor, group: Optional[ProcessGroup]) -> torch.Tensor:
     """Concatenate every rank's last-dimension chunk into the full tensor."""
     return x if group is None else _GatherFromTP.apply(x, group)
+
+
+# Point-to-point for evaluation's pipeline stages (`megalm.eval.stages`): hidden states are already on
+# the run device (the model is), which NCCL requires. Gloo sends host memory only, so under gloo (the CPU
+# tests, or the GPU check's several ranks on one GPU) a device tensor goes through a host copy.
+def _via_host(device: torch.device) -> bool:
+    return device.type != "cpu" and dist.get_backend() == "gloo"
+
+
+def send_to(x: torch.Tensor, dst: int) -> None:
+    """Send `x` to global rank `dst` (blocking until it is handed over)."""
+    dist.send((x.cpu() if _via_host(x.device) else x).contiguous(), dst=dst)
+
+
+def recv_from(src: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Receive a tensor of `shape`/`dtype` sent by global rank `src`, onto `device`."""
+    device = torch.device(device)
+    out = torch.empty(shape, dtype=dtype, device="cpu" if _via_host(device) else device)
+    dist.recv(out, src=src)
+    return out.to(device)
