@@ -1,13 +1,21 @@
-"""`megalm-generate`: continue a prompt with a saved checkpoint, using the run's own tokenizer.
+"""`megalm-generate`: continue prompts with a saved checkpoint, using the run's own tokenizer.
 
-    megalm-generate --checkpoint RUN_DIR [--step N] --prompt TEXT [--max-new-tokens 64]
-                    [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0]
+    megalm-generate --checkpoint RUN_DIR [--step N] --prompt TEXT [--prompt TEXT ...] [--max-new-tokens 64]
+                    [--temperature 0.8] [--top-k 50] [--top-p 0.95] [--seed 0] [--no-kv-cache] [--json]
+    megalm-generate --checkpoint RUN_DIR --prompts-file prompts.jsonl     # {"prompt": ...} or {"prompt_ids": [...]}
+    torchrun --nproc_per_node=2 -m megalm.eval.generate --checkpoint RUN_DIR --prompt TEXT [--tp 2]
 
 --temperature 0 is greedy decoding. The tokenizer is the run config's data.tokenizer (or --tokenizer);
 its sha256 must match the one recorded in the checkpoint's megalm.json, so text is never decoded with
 a tokenizer the model was not trained with. Runs without a tokenizer can be driven with
---prompt-ids "1 2 3" (token ids in, token ids out). One process, CPU or GPU; no KV cache (each new
-token re-runs the context, fine for samples and tests, not for serving).
+--prompt-ids "1 2 3" (token ids in, token ids out). Several prompts run as one batch.
+
+Generation keeps a KV cache (`megalm.eval.decode`): the prompts, left-padded, are prefilled in one
+forward, then each step runs one token per row; greedy output is the same as re-running the whole
+context each step (`--no-kv-cache`, the reference path) and as Hugging Face `generate` on the
+`megalm-export` of the checkpoint. Sampling with --seed draws the same tokens either way (prompt i
+uses seed + i). CPU or GPU, one process or under torchrun with TP (any tp, whatever the checkpoint's
+layout): every rank computes, rank 0 prints.
 """
 from __future__ import annotations
 
@@ -17,12 +25,16 @@ import sys
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from data_prep.errors import PrepError
 from data_prep.tokenizer import EOD_TOKEN, LoadedTokenizer, load_tokenizer
-from megalm.parallel.device import run_device
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, locate_checkpoint
+from megalm.parallel.device import run_device
+from megalm.parallel.grid import ProcessGrid, destroy_process_grid, get_process_grid, is_grid_initialized
+from megalm.training.launch_env import discover
 
+from .decode import filter_logits, full_vocab, generate_batch, generate_ids  # noqa: F401 - the public API
 from .model_loading import load_model
 
 
@@ -43,44 +55,32 @@ def run_tokenizer(ref: CheckpointRef, override: Optional[str] = None) -> Optiona
     return tok
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Keep the top-k logits and the smallest set whose probability reaches top-p; the rest -inf."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first is always kept)
-        drop = (probs.cumsum(-1) - probs) >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-@torch.no_grad()
-def generate_ids(model: torch.nn.Module, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_id: Optional[int] = None) -> list[int]:
-    """Prompt ids -> the new ids (greedy when temperature == 0). The context is cut to max_seq_len."""
-    if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        context = torch.tensor([ids[-cfg.max_seq_len:]], dtype=torch.long, device=device)
-        logits = model(context)[0, -1, : cfg.vocab_size].float().cpu()  # drop the -inf padding columns
-        if temperature <= 0:
-            nxt = int(logits.argmax())
+def read_prompts_file(path: str) -> list[str | list[int]]:
+    """--prompts-file: JSON Lines, one {"prompt": TEXT} or {"prompt_ids": [ids]} per line (blank lines skipped)."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise CheckpointError(f"--prompts-file {path}: {e.strerror}; pass an existing JSONL file") from None
+    prompts: list[str | list[int]] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"--prompts-file {path}:{n}: not JSON ({e.msg}); each line must be "
+                                  f'{{"prompt": "text"}} or {{"prompt_ids": [1, 2, 3]}}') from None
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            prompts.append(rec["prompt"])
+        elif (isinstance(rec, dict) and isinstance(rec.get("prompt_ids"), list)
+              and all(isinstance(i, int) and not isinstance(i, bool) for i in rec["prompt_ids"])):
+            prompts.append(list(rec["prompt_ids"]))
         else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = int(torch.multinomial(probs, 1, generator=gen))
-        ids.append(nxt)
-        new.append(nxt)
-        if stop_id is not None and nxt == stop_id:
-            break
-    return new
+            raise CheckpointError(f"--prompts-file {path}:{n}: expected {{\"prompt\": \"text\"}} or "
+                                  f"{{\"prompt_ids\": [1, 2, 3]}}, got {line[:60]!r}")
+    if not prompts:
+        raise CheckpointError(f"--prompts-file {path}: no prompts; write one JSON object per line")
+    return prompts
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -89,48 +89,92 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="RUN_DIR (or RUN_DIR/checkpoints/step_N)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (encoded with the run's tokenizer)")
-    src.add_argument("--prompt-ids", help="prompt as space-separated token ids (runs without a tokenizer)")
+    src.add_argument("--prompt", action="append", help="prompt text (encoded with the run's tokenizer); repeat for a batch")
+    src.add_argument("--prompt-ids", action="append",
+                     help="prompt as space-separated token ids (runs without a tokenizer); repeat for a batch")
+    src.add_argument("--prompts-file", help='JSONL, one {"prompt": TEXT} or {"prompt_ids": [ids]} per line: one batch')
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=1.0, help="1.0 = no nucleus filter")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i of a batch uses seed + i)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json if the run's has moved (hash-checked)")
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-document token")
-    p.add_argument("--json", action="store_true", help="print a JSON record instead of the text")
+    p.add_argument("--no-kv-cache", action="store_true",
+                   help="re-run the whole context for every new token (the reference path; slow)")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel size under torchrun (default: the number of processes)")
+    p.add_argument("--json", action="store_true", help="print a JSON record per prompt instead of the text")
     p.add_argument("--device", default=None, help="cpu or cuda (default: DeepSpeed's accelerator device)")
     return p.parse_args(argv)
 
 
+def process_grid(tp: Optional[int], world_size: int) -> Optional[ProcessGrid]:
+    """The current process grid, else one built here under torchrun/srun/mpirun (tp x 1 x dp; default tp:
+    the number of processes), else None (one process)."""
+    if is_grid_initialized():
+        return get_process_grid()
+    from .evaluate import setup_distributed  # deferred: its imports are only needed here
+
+    return setup_distributed(world_size if tp is None else tp)
+
+
+def read_prompts(args: argparse.Namespace, tok: Optional[LoadedTokenizer], where: str) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, "" for an id prompt; prompts as token ids) from --prompt, --prompt-ids or --prompts-file."""
+    raw: list[str | list[int]]
+    if args.prompts_file is not None:
+        raw = read_prompts_file(args.prompts_file)
+    elif args.prompt is not None:
+        raw = list(args.prompt)
+    else:
+        try:
+            raw = [[int(x) for x in ids.split()] for ids in args.prompt_ids]
+        except ValueError:
+            raise CheckpointError(f"--prompt-ids {args.prompt_ids}: expected space-separated integers, "
+                                  f"e.g. --prompt-ids \"1 2 3\"") from None
+    if any(isinstance(r, str) for r in raw) and tok is None:
+        raise CheckpointError(f"{where}: the run has no data.tokenizer, so text cannot be encoded; "
+                              f"pass --tokenizer PATH or --prompt-ids \"1 2 3\"")
+    texts = [r if isinstance(r, str) else "" for r in raw]
+    return texts, [tok.tokenizer.encode(r).ids if isinstance(r, str) else r for r in raw]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    owns_group = not dist.is_initialized()  # torchrun: the group is started (and so ended) here
+    launch = discover()
+    rank0 = launch.rank == 0
     try:
         ref = locate_checkpoint(args.checkpoint, args.step)
         tok = run_tokenizer(ref, args.tokenizer)
-        if args.prompt is not None and tok is None:
-            raise CheckpointError(f"{ref.path}: the run has no data.tokenizer, so text cannot be encoded; "
-                                  f"pass --tokenizer PATH or --prompt-ids \"1 2 3\"")
-        prompt = (tok.tokenizer.encode(args.prompt).ids if args.prompt is not None
-                  else [int(x) for x in args.prompt_ids.split()])
+        texts, prompts = read_prompts(args, tok, ref.path)
+        grid = process_grid(args.tp, launch.world_size)
+        rank0 = grid is None or grid.rank == 0
         device = torch.device(args.device) if args.device else run_device()
-        model = load_model(ref, device=device)
-        bad = [i for i in prompt if not 0 <= i < model.cfg.vocab_size]
+        model = load_model(ref, grid, device=device)
+        bad = [i for p in prompts for i in p if not 0 <= i < model.cfg.vocab_size]
         if bad:
             raise CheckpointError(f"prompt ids {bad[:5]} are outside the model's vocabulary [0, {model.cfg.vocab_size})")
         stop = None if args.no_stop or tok is None else tok.token_id(EOD_TOKEN)
-        new = generate_ids(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                           args.seed, stop)
+        news = generate_batch(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                              args.seed, stop, kv_cache=not args.no_kv_cache)
     except (CheckpointError, ValueError) as e:
-        print(f"megalm-generate: {e}", file=sys.stderr)
+        if rank0:
+            print(f"megalm-generate: {e}", file=sys.stderr)
         return 2
-    text = tok.tokenizer.decode(new) if tok is not None else None
-    if args.json:
-        print(json.dumps({"step": ref.step, "prompt_ids": prompt, "ids": new, "text": text}))
-    elif text is not None:
-        print((args.prompt or "") + text)
-    else:
-        print(" ".join(map(str, new)))
+    finally:
+        if owns_group and dist.is_initialized():
+            destroy_process_grid()
+            dist.destroy_process_group()
+    if rank0:
+        for n, (text, prompt, new) in enumerate(zip(texts, prompts, news)):
+            decoded = tok.tokenizer.decode(new) if tok is not None else None
+            if args.json:
+                print(json.dumps({"step": ref.step, "prompt_ids": prompt, "ids": new, "text": decoded}))
+            elif decoded is not None:
+                print(("\n" if n else "") + text + decoded)  # a blank line between the prompts' texts
+            else:
+                print(" ".join(map(str, new)))
     return 0
 
 

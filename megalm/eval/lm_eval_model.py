@@ -10,8 +10,8 @@ The numbers are meant to equal lm-eval's `hf` model on the `megalm-export` of th
 its rules are followed exactly: a (context, continuation) pair is split by encoding context and
 context+continuation and taking the difference (`TemplateLM._encode_pair`, trailing context spaces
 moved into the continuation); the end-of-text token prefixes an empty context and each rolling window;
-inputs longer than the model's max_seq_len are cut from the left; generation is greedy, stops at any
-`until` string or the end-of-text token and truncates at the first stop string.
+inputs longer than the model's max_seq_len are cut from the left; generation is greedy (with the KV cache),
+stops at any `until` string or the end-of-text token and truncates at the first stop string.
 
 Parallelism: under torchrun with tp=T every rank holds a TP shard and computes every request (logits
 are all-gathered over the TP group, so every rank sees the same numbers and takes the same greedy
@@ -36,23 +36,16 @@ from tqdm import tqdm
 
 from data_prep.tokenizer import EOD_TOKEN, LoadedTokenizer
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, locate_checkpoint
-from megalm.parallel.comm import gather_along_dim
 from megalm.parallel.device import all_ranks, gather_objects, run_device
 from megalm.parallel.grid import ProcessGrid
 
+from .decode import full_vocab, generate_batch
 from .generate import run_tokenizer
 from .model_loading import load_model
 from .task_files import TaskSpecError
 
 # (request key, context ids, continuation ids) - the shape TemplateLM hands to _loglikelihood_tokens
 TokenRequest = tuple[Optional[tuple[str, str]], list[int], list[int]]
-
-
-def full_vocab(model: torch.nn.Module, logits_shard: torch.Tensor) -> torch.Tensor:
-    """A TP rank's vocabulary shard of logits -> logits over the real vocabulary (fp32): the shards
-    all-gathered in rank order (so every TP rank holds the same numbers), vocabulary padding dropped."""
-    logits = gather_along_dim(logits_shard, -1, getattr(model, "tp_group", None))
-    return logits[..., : model.cfg.vocab_size].float()
 
 
 def _right_padded(rows: list[list[int]], pad_id: int, device: torch.device) -> torch.Tensor:
@@ -233,31 +226,16 @@ class MegalmLM(TemplateLM):
         bar.close()
         return out
 
-    @torch.no_grad()
     def _greedy(self, contexts: list[list[int]], max_new: int, until: list[str]) -> list[str]:
-        """Greedy decoding of a batch (no KV cache: each step re-runs the right-padded rows, and a row's
-        next token is read at its own last position). A row stops at the end-of-text token or once its
-        text contains a stop string; the text is cut at the first stop string."""
-        rows = [list(c) for c in contexts]
-        new: list[list[int]] = [[] for _ in rows]
-        live = list(range(len(rows)))
-        for _ in range(max_new):
-            if not live:
-                break
-            shard = self.model(_right_padded([rows[r] for r in live], self._eot_id, self._device))
-            last = torch.tensor([len(rows[r]) - 1 for r in live], device=shard.device)
-            # only each row's last position is needed: select it before gathering the vocabulary
-            picks = full_vocab(self.model, shard[torch.arange(len(live), device=shard.device), last]).argmax(-1).tolist()
-            still = []
-            for r, token in zip(live, picks):
-                rows[r].append(token)
-                if token == self._eot_id:
-                    continue
-                new[r].append(token)
-                if not any(stop and stop in self.tok_decode(new[r]) for stop in until):
-                    still.append(r)
-            live = still
-        return [postprocess_generated_text(self.tok_decode(ids), until, None) for ids in new]
+        """Greedy decoding of a batch with the KV cache (`megalm.eval.decode.generate_batch`: the rows
+        left-padded, each generating what it would alone). A row stops at the end-of-text token (not
+        part of its text) or once its text contains a stop string; the text is cut at the first one."""
+        def reached_stop(row: int, ids: list[int]) -> bool:
+            return any(stop and stop in self.tok_decode(ids) for stop in until)
+
+        news = generate_batch(self.model, contexts, max_new, stop_id=self._eot_id, stop_when=reached_stop)
+        return [postprocess_generated_text(self.tok_decode(ids[:-1] if ids and ids[-1] == self._eot_id else ids),
+                                           until, None) for ids in news]
 
     def get_model_info(self) -> dict:
         return {"checkpoint": self.ref.path, "step": self.ref.step, "tokenizer": self.loaded_tokenizer.path,

@@ -6,6 +6,9 @@
 (never gathered); `loss(logits, labels)` is the vocab-parallel cross-entropy's mean over tokens whose
 label is not IGNORE_INDEX. Padding columns of the vocabulary hold -inf. Parameter names and TP partition dims
 are listed in `megalm.model.params`.
+
+Generation: `forward(new_ids, cache=KVCache, valid=None)` runs only the new tokens against the cached
+context (`megalm.model.kv_cache`; `valid` marks left padding) and returns their logits.
 """
 from __future__ import annotations
 
@@ -17,14 +20,15 @@ from torch import nn
 from torch.distributed import ProcessGroup
 from torch.utils.checkpoint import checkpoint
 
-from megalm.config.model import ModelConfig
+from megalm.config.model import VOCAB_PAD_MULTIPLE, ModelConfig
 from megalm.parallel.comm import group_rank, group_size
 from megalm.parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from megalm.parallel.grid import ProcessGrid, get_process_grid, is_grid_initialized
-from megalm.parallel.init import new_parameter
+from megalm.parallel.init import initialise_zero3_partitions, new_parameter
 from megalm.parallel.layers import VocabParallelEmbedding, vocab_parallel_logits, vocab_weight_shard
 from megalm.parallel.random import checkpoint_rng_context
 
+from .kv_cache import KVCache
 from .transformer import RMSNorm, TransformerBlock
 
 
@@ -43,7 +47,8 @@ class EmbeddingLayer(VocabParallelEmbedding):
     def __init__(self, cfg: ModelConfig, tp_group: Optional[ProcessGroup] = None):
         tp = group_size(tp_group)
         super().__init__(cfg.padded_vocab_size(tp), cfg.hidden_size, num_embeddings=cfg.vocab_size,
-                         init_std=cfg.init_std, init_key="embedding.weight", seed=cfg.init_seed, tp_group=tp_group)
+                         init_std=cfg.init_std, init_key="embedding.weight", seed=cfg.init_seed, tp_group=tp_group,
+                         tp_unit=VOCAB_PAD_MULTIPLE)
         self.hidden_dropout = cfg.hidden_dropout
 
     def forward(self, x: torch.Tensor, logits: bool = False) -> torch.Tensor:
@@ -69,7 +74,8 @@ class OutputLayer(nn.Module):
         self.num_embeddings = cfg.vocab_size
         self.vocab_start = rank * (padded // tp)
         self.weight = new_parameter(vocab_weight_shard(cfg.vocab_size, padded, cfg.hidden_size, cfg.init_std,
-                                                       cfg.init_seed, "output.weight", rank, tp), partition_dim=0)
+                                                       cfg.init_seed, "output.weight", rank, tp, VOCAB_PAD_MULTIPLE),
+                                    partition_dim=0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_logits(hidden, self.weight, self.vocab_start, self.num_embeddings, self.tp_group)
@@ -105,14 +111,33 @@ class GPTModel(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg, i, self.tp_group) for i in range(cfg.num_layers))
         self.final_norm = FinalNorm(cfg)
         self.output = None if cfg.tie_embeddings else OutputLayer(cfg, self.tp_group)
+        # Under deepspeed.zero.Init every submodule is partitioned by now: draw this rank's partitions
+        # (megalm.parallel.init; a no-op otherwise).
+        initialise_zero3_partitions(self)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits shard [b, s, padded_vocab / tp]. With `cache`, `input_ids` are the tokens after the cached
+        ones and `valid` [b, s] (default: all True) is False on left padding."""
+        if cache is not None:
+            return self._forward_cached(input_ids, cache, valid)
+        if valid is not None:
+            raise ValueError("GPTModel.forward: valid= marks padding in a KV cache; pass cache= too")
         h = self.embedding(input_ids)
         for block in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, h, use_reentrant=False, context_fn=checkpoint_rng_context)
             else:
                 h = block(h)
+        h = self.final_norm(h)
+        return self.embedding(h, logits=True) if self.output is None else self.output(h)
+
+    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        cache.begin(*input_ids.shape, valid)
+        h = self.embedding(input_ids)
+        for block in self.layers:
+            h = block(h, cache)
+        cache.commit()
         h = self.final_norm(h)
         return self.embedding(h, logits=True) if self.output is None else self.output(h)
 

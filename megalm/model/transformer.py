@@ -13,11 +13,15 @@ j uses kv head j // r, matching Hugging Face's `repeat_kv`; `megalm.model.params
 the full weight into HF's q_proj/k_proj/v_proj.
 
 Rotary uses the rotate-half convention (HF LlamaForCausalLM's), so HF weights need no permutation.
+
+Generation passes a `megalm.model.kv_cache.KVCache`: attention then rotates the new tokens at the
+positions the cache gives, stores their k/v and attends over every cached slot the cache's mask allows.
+Without one (training, evaluation) the forward is the plain causal one.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,16 @@ from megalm.parallel.comm import group_size
 from megalm.parallel.init import new_parameter
 from megalm.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megalm.parallel.random import get_rng_tracker
+
+if TYPE_CHECKING:
+    from .kv_cache import KVCache
+
+
+def tp_unit(size: int, cfg: ModelConfig) -> int:
+    """What every legal TP shard of a `size` dim (qkv rows, o_proj columns, ffn) is a multiple of:
+    check_layout lets tp be any divisor of gcd(num_heads, kv heads, ffn), and each of those dims is a
+    multiple of that gcd. Init tiles that divide it are never split between TP ranks."""
+    return size // math.gcd(cfg.num_heads, cfg.kv_heads, cfg.ffn_size)
 
 
 class RMSNorm(nn.Module):
@@ -45,11 +59,12 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [seq_len, head_dim] for positions 0..seq_len-1 (fp32; computed per call, so nothing is
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [*positions.shape, head_dim] at integer `positions` (fp32; computed per call, so nothing is
     allocated at construction time where deepspeed.zero.Init would cast it to bf16)."""
+    device = positions.device
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -70,27 +85,35 @@ class Attention(nn.Module):
         super().__init__()
         tp = group_size(tp_group)
         prefix = f"layers.{layer_idx}.attention"
+        self.layer_idx = layer_idx
         self.head_dim = cfg.head_dim
         self.group = cfg.num_heads // cfg.kv_heads  # query heads per kv head
         self.local_kv_heads = cfg.kv_heads // tp
         self.rope_theta = cfg.rope_theta
         self.dropout = cfg.attention_dropout
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim,
-                                        init_std=cfg.init_std, init_key=f"{prefix}.qkv.weight", seed=cfg.init_seed,
-                                        tp_group=tp_group)
+        qkv_rows = (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, qkv_rows, init_std=cfg.init_std,
+                                        init_key=f"{prefix}.qkv.weight", seed=cfg.init_seed, tp_group=tp_group,
+                                        tp_unit=tp_unit(qkv_rows, cfg))
         # Output projections feed the residual stream: std / sqrt(2 * layers) (GPT-2/Megatron) keeps
         # its variance from growing with depth.
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size,
                                         init_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
-                                        init_key=f"{prefix}.o_proj.weight", seed=cfg.init_seed, tp_group=tp_group)
+                                        init_key=f"{prefix}.o_proj.weight", seed=cfg.init_seed, tp_group=tp_group,
+                                        tp_unit=tp_unit(cfg.num_heads * cfg.head_dim, cfg))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         b, s, _ = x.shape
         qkv = self.qkv(x).view(b, s, self.local_kv_heads, self.group + 2, self.head_dim)
         q = qkv[:, :, :, : self.group].reshape(b, s, self.local_kv_heads * self.group, self.head_dim)
         k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, head_dim]
-        cos, sin = rotary_cos_sin(s, self.head_dim, self.rope_theta, x.device)
+        if cache is not None:  # generation: this row's positions, then attend over the cached context
+            cos, sin = cache.rotary(self.head_dim, self.rope_theta)
+            k, v = cache.update(self.layer_idx, apply_rotary(k, cos, sin), v)
+            out = F.scaled_dot_product_attention(apply_rotary(q, cos, sin), k, v, attn_mask=cache.mask, enable_gqa=True)
+            return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        cos, sin = rotary_cos_sin(torch.arange(s, device=x.device), self.head_dim, self.rope_theta)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         dropout = self.dropout if self.training else 0.0
         if dropout > 0.0:
@@ -108,13 +131,14 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, tp_group: Optional[ProcessGroup] = None):
         super().__init__()
         prefix = f"layers.{layer_idx}.mlp"
-        h, f, seed = cfg.hidden_size, cfg.ffn_size, cfg.init_seed
+        h, f, seed, unit = cfg.hidden_size, cfg.ffn_size, cfg.init_seed, tp_unit(cfg.ffn_size, cfg)
         self.gate_proj = ColumnParallelLinear(h, f, init_std=cfg.init_std, init_key=f"{prefix}.gate_proj.weight",
-                                              seed=seed, tp_group=tp_group)
+                                              seed=seed, tp_group=tp_group, tp_unit=unit)
         self.up_proj = ColumnParallelLinear(h, f, init_std=cfg.init_std, init_key=f"{prefix}.up_proj.weight",
-                                            seed=seed, tp_group=tp_group)
+                                            seed=seed, tp_group=tp_group, tp_unit=unit)
         self.down_proj = RowParallelLinear(f, h, init_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
-                                           init_key=f"{prefix}.down_proj.weight", seed=seed, tp_group=tp_group)
+                                           init_key=f"{prefix}.down_proj.weight", seed=seed, tp_group=tp_group,
+                                           tp_unit=unit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -134,8 +158,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg, layer_idx, tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
         # residual-stream dropout uses the default generator, identical across TP ranks, so all TP
         # replicas of the hidden state stay equal
-        x = x + F.dropout(self.attention(self.attention_norm(x)), self.hidden_dropout, self.training)
+        x = x + F.dropout(self.attention(self.attention_norm(x), cache), self.hidden_dropout, self.training)
         return x + F.dropout(self.mlp(self.mlp_norm(x)), self.hidden_dropout, self.training)

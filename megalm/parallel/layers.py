@@ -5,8 +5,10 @@
     VocabParallelEmbedding W [vocab_padded, dim] split along vocab (dim 0)
 
 A column layer followed by a row layer needs one all-reduce forward and one backward. Every layer
-takes its TP group explicitly (`tp_group=None`: not tensor-parallel) and draws its full weight from
-(seed, init_key) before slicing, so weights are TP-invariant (see `init.py`).
+takes its TP group explicitly (`tp_group=None`: not tensor-parallel) and draws only its shard's tiles
+of the full weight named by (seed, init_key), so weights are TP-invariant (see `init.py`). `tp_unit`:
+every legal TP shard of the split dim is a multiple of it, whatever the TP size (the model knows this
+from its shape; None: only the whole dim is known to be), so a shard's tiles are its own.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from torch.distributed import ProcessGroup
 
 from .comm import (copy_to_tp_region, gather_from_tp_region, group_rank, group_size, reduce_from_tp_region,
                    scatter_to_tp_region)
-from .init import fp32_cpu_empty, full_normal, new_parameter, shard
+from .init import ShardInit, new_parameter, tp_shard_init
 
 
 def _split(size: int, world: int, what: str) -> int:
@@ -33,15 +35,17 @@ class ColumnParallelLinear(nn.Module):
     dim unless `gather_output`."""
 
     def __init__(self, in_features: int, out_features: int, *, gather_output: bool = False,
-                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None,
+                 tp_unit: Optional[int] = None):
         super().__init__()
         self.tp_group = tp_group
         self.gather_output = gather_output
         world, rank = group_size(tp_group), group_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         self.out_features_per_rank = _split(out_features, world, f"{init_key}: out_features")
-        full = full_normal((out_features, in_features), init_std, seed, init_key)
-        self.weight = new_parameter(shard(full, 0, rank, world), partition_dim=0)
+        shape = (out_features, in_features)
+        self.weight = new_parameter(tp_shard_init(init_key, seed, init_std, shape, shape, 0, rank, world, tp_unit),
+                                    partition_dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to_tp_region(x, self.tp_group), self.weight)
@@ -53,15 +57,17 @@ class RowParallelLinear(nn.Module):
     Input already sharded on its last dim (`input_is_parallel`) or split here; output replicated."""
 
     def __init__(self, in_features: int, out_features: int, *, input_is_parallel: bool = True,
-                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None,
+                 tp_unit: Optional[int] = None):
         super().__init__()
         self.tp_group = tp_group
         self.input_is_parallel = input_is_parallel
         world, rank = group_size(tp_group), group_rank(tp_group)
         self.in_features, self.out_features = in_features, out_features
         self.in_features_per_rank = _split(in_features, world, f"{init_key}: in_features")
-        full = full_normal((out_features, in_features), init_std, seed, init_key)
-        self.weight = new_parameter(shard(full, 1, rank, world), partition_dim=1)
+        shape = (out_features, in_features)
+        self.weight = new_parameter(tp_shard_init(init_key, seed, init_std, shape, shape, 1, rank, world, tp_unit),
+                                    partition_dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -95,10 +101,12 @@ class VocabParallelEmbedding(nn.Module):
     rest, and the all-reduce assembles the full embedding.
 
     `num_embeddings` (<= the padded size) rows are drawn from (seed, init_key) and the padding rows are
-    zero, so real rows are identical whatever padding a TP size implies."""
+    zero, so real rows are identical whatever padding a TP size implies. `tp_unit`: the padding multiple
+    per TP rank (every rank's row count is a multiple of it at every TP size)."""
 
     def __init__(self, num_embeddings_padded: int, embedding_dim: int, *, num_embeddings: Optional[int] = None,
-                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None):
+                 init_std: float = 0.02, init_key: str, seed: int, tp_group: Optional[ProcessGroup] = None,
+                 tp_unit: Optional[int] = None):
         super().__init__()
         self.tp_group = tp_group
         world, rank = group_size(tp_group), group_rank(tp_group)
@@ -110,7 +118,7 @@ class VocabParallelEmbedding(nn.Module):
         per_rank = _split(num_embeddings_padded, world, f"{init_key}: padded vocabulary")
         self.vocab_start, self.vocab_end = rank * per_rank, (rank + 1) * per_rank
         self.weight = new_parameter(vocab_weight_shard(self.num_embeddings, num_embeddings_padded, embedding_dim,
-                                                       init_std, seed, init_key, rank, world), partition_dim=0)
+                                                       init_std, seed, init_key, rank, world, tp_unit), partition_dim=0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         check_token_ids(ids, self.num_embeddings)
@@ -123,12 +131,12 @@ class VocabParallelEmbedding(nn.Module):
 
 
 def vocab_weight_shard(num_embeddings: int, num_embeddings_padded: int, dim: int, init_std: float, seed: int,
-                       init_key: str, rank: int, world: int) -> torch.Tensor:
-    """This rank's rows of a [padded vocab, dim] table: the real rows drawn from (seed, init_key) at
-    their unpadded shape, padding rows zero, so real rows do not depend on the TP size's padding."""
-    full = fp32_cpu_empty((num_embeddings_padded, dim)).zero_()
-    full[:num_embeddings] = full_normal((num_embeddings, dim), init_std, seed, init_key)
-    return shard(full, 0, rank, world)
+                       init_key: str, rank: int, world: int, tp_unit: Optional[int] = None) -> ShardInit:
+    """How to draw this rank's rows of a [padded vocab, dim] table: the real rows' tiles are laid over
+    their unpadded shape (seed, init_key), padding rows are zero, so real rows do not depend on the TP
+    size's padding. Only this rank's rows are drawn."""
+    return tp_shard_init(init_key, seed, init_std, (num_embeddings, dim), (num_embeddings_padded, dim), 0, rank, world,
+                         tp_unit)
 
 
 def vocab_parallel_logits(hidden: torch.Tensor, weight_shard: torch.Tensor, vocab_start: int, num_embeddings: int,

@@ -24,6 +24,7 @@ from megalm.model.flops import flops_per_token
 from megalm.parallel.cross_entropy import perplexity
 from megalm.parallel.device import any_rank, dist_backend, gather_objects, select_device
 from megalm.parallel.grid import destroy_process_grid, initialize_process_grid
+from megalm.parallel.init import INIT_STREAM
 
 from . import checkpoint as ckpt
 from . import elastic
@@ -57,6 +58,7 @@ def checkpoint_meta(cfg: RunConfig, engine: Engine, world_size: int) -> dict:
                    "zero_stage": cfg.parallel.zero_stage, "world_size": world_size},
         "data_seed": cfg.data.seed,
         "tokenizer_sha256": file_sha256(cfg.data.tokenizer),
+        "init_stream": INIT_STREAM,  # the numbers model.init_seed drew at step 0, unless train.init_from (parallel/init.py)
         "deepspeed_version": deepspeed.__version__,
         "torch_version": torch.__version__,
     }
