@@ -23,7 +23,7 @@ def config_values(config: str, overrides: list[str], defaults: dict[str, Any],
     for key, default in defaults.items():
         section, name = key.split(".")
         part = data.get(section) if isinstance(data, dict) else None
-        values[key] = part.get(name, default) if isinstance(part, dict) and part.get(name) is not None else default
+        values[key] = part.get(name, default) if isinstance(part, dict) else default
     for item in overrides:
         key, sep, raw = item.partition("=")
         if sep and key.strip() in values:

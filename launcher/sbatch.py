@@ -63,7 +63,7 @@ class JobSpec:
 
 def run_dir_of(config: str, overrides: list[str], workdir: str) -> str:
     """train.run_dir from the config and overrides (the last `train.run_dir=` wins), made absolute."""
-    run_dir = str(config_values(config, overrides, {"train.run_dir": "runs/default"}, SubmitError)["train.run_dir"])
+    run_dir = str(config_values(config, overrides, {"train.run_dir": None}, SubmitError)["train.run_dir"] or "runs/default")
     return os.path.normpath(os.path.join(workdir, run_dir))
 
 

@@ -24,6 +24,11 @@ def model_states_name(mp_rank: int, zero_stage: int, dp_rank: int = 0) -> str:
     return f"mp_rank_{mp_rank:02d}_model_states.pt"
 
 
+def layer_states_name(layer_index: int, tp_rank: int) -> str:
+    """DeepSpeed's file of one pipeline layer's state dict at one TP rank (pp>1 checkpoints)."""
+    return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
 def optim_states_name(dp_rank: int, mp_rank: int) -> str:
     """DeepSpeed's ZeRO optimizer partition of one data-parallel rank of model-parallel rank `mp_rank`."""
     return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"

@@ -12,31 +12,10 @@ import sys
 import pytest
 
 from tests.harness import free_port, run_command
-from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
+from tests.train_fixtures import TINY_RUN, read_losses, train_on_rank, write_synthetic_shard
 
 STEPS = 30
 RTOL = 1e-4
-
-
-def _train(overrides: list[str], resume, fault: str) -> tuple[int, dict, dict]:
-    """On every rank of a RankPool: the real train() with MEGALM_FAULT set for this call only."""
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    saved = os.environ.get("MEGALM_FAULT")
-    os.environ["MEGALM_FAULT"] = fault
-    try:
-        rc = train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), resume=resume, stack_dump=False)
-    finally:
-        os.environ.pop("MEGALM_FAULT")
-        if saved is not None:
-            os.environ["MEGALM_FAULT"] = saved
-    return rc, {}, {}
 
 
 def _sample_ids(run_dir: str) -> dict[int, list[int]]:
@@ -61,8 +40,8 @@ def _overrides(shard: str, run_dir: str, tp: int, zero: int) -> list[str]:
 
 
 def _run(rank_pool, world: int, overrides: list[str], resume=None, fault: str = "") -> None:
-    results = rank_pool(world).run(_train, overrides, resume, fault, timeout=600)
-    assert [rc for rc, _, _ in results] == [0] * world, results
+    results = rank_pool(world).run(train_on_rank, overrides, resume, TINY_RUN, fault, timeout=600)
+    assert results == [0] * world, results
 
 
 CASES = {  # name: (tp, zero, world sizes of the three attempts)

@@ -10,24 +10,12 @@ import os
 
 import pytest
 
-from tests.train_fixtures import TINY_RUN, write_synthetic_shard
+from tests.train_fixtures import train_layout_run, write_synthetic_shard
 
 SOURCE = (2, 2, 2, 1)  # tp, pp, dp, zero
 STEPS = 2
 RTOL = 1e-5
 MAX_TOKENS = 32 * 13 + 5  # 14 windows, the last one partly padded: uneven over dp and micro-batches
-
-
-def _train(overrides: list[str]) -> int:
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
 
 
 class _Refused(AssertionError):
@@ -82,11 +70,7 @@ def _main_on_rank(argv: list[str]) -> int:
 def trained(rank_pool, tmp_path_factory):
     shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
     run_dir = str(tmp_path_factory.mktemp("src"))
-    tp, pp, dp, zero = SOURCE
-    overrides = [f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", f"train.train_steps={STEPS}",
-                 f"train.save_interval={STEPS}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                 f"parallel.zero_stage={zero}"]
-    assert rank_pool(tp * pp * dp).run(_train, overrides, timeout=600) == [0] * (tp * pp * dp)
+    train_layout_run(rank_pool, SOURCE, shard, run_dir, STEPS, (f"train.save_interval={STEPS}",))
     return run_dir, shard
 
 

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from tests.train_fixtures import TINY_RUN, write_synthetic_shard
+from tests.train_fixtures import TINY_RUN, train_on_rank, write_synthetic_shard
 
 STEPS, SAVE_EVERY = 4, 2
 SEQ_LEN, MBS = 32, 2
@@ -23,19 +23,6 @@ def _overrides(shard: str, run_dir: str, tp: int, pp: int, zero: int) -> list[st
     return [f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", f"train.train_steps={STEPS}",
             f"train.save_interval={SAVE_EVERY}", f"parallel.tp={tp}", f"parallel.pp={pp}",
             f"parallel.zero_stage={zero}"]
-
-
-def _train(overrides: list[str]) -> int:
-    """On every rank of a pool: the real training entry with the pool's process group."""
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
 
 
 def _eval_in_training_layout(overrides: list[str], shard: str) -> float:
@@ -86,7 +73,7 @@ def trained(rank_pool, shard, tmp_path_factory):
     for tp, pp, dp, zero in LAYOUTS:
         run_dir = str(tmp_path_factory.mktemp(f"tp{tp}pp{pp}dp{dp}z{zero}"))
         overrides = _overrides(shard, run_dir, tp, pp, zero)
-        assert rank_pool(tp * pp * dp).run(_train, overrides, timeout=600) == [0] * (tp * pp * dp)
+        assert rank_pool(tp * pp * dp).run(train_on_rank, overrides, timeout=600) == [0] * (tp * pp * dp)
         runs[(tp, pp, dp, zero)] = (run_dir, overrides)
     return runs
 

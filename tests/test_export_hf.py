@@ -10,24 +10,12 @@ import os
 import pytest
 import torch
 
-from tests.train_fixtures import TINY_RUN, write_synthetic_shard
+from tests.train_fixtures import train_on_rank, write_synthetic_shard
 
 import transformers  # pinned in requirements.txt: a missing install must fail, not skip
 
 ATOL = 1e-5
 TEXTS = ["def main(argv):\n    return 0\n", "import os\nimport sys\n", "for i in range(10):\n    print(i)\n"] * 20
-
-
-def _train(overrides: list[str]) -> int:
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +39,7 @@ def runs(rank_pool, tmp_path_factory, tokenizer_path):
         run_dir = str(tmp_path_factory.mktemp(name))
         overrides = [f"data.train_paths=[{shard}]", f"data.tokenizer={tokenizer_path}", f"train.run_dir={run_dir}",
                      "train.train_steps=2", f"model.tie_embeddings={str(tied).lower()}", *layout]
-        assert rank_pool(2).run(_train, overrides, timeout=600) == [0, 0]
+        assert rank_pool(2).run(train_on_rank, overrides, timeout=600) == [0, 0]
         out[name] = run_dir
     return out
 

@@ -14,24 +14,12 @@ import torch
 from tests.harness import run_command
 from tests.prep_fixtures import train_tiny_tokenizer
 from tests.test_import_hf import make_hf_model
-from tests.train_fixtures import TINY_RUN, read_losses, read_metric, write_synthetic_shard
+from tests.train_fixtures import TINY_RUN, train_on_rank, read_losses, read_metric, write_synthetic_shard
 
 SOURCE = (2, 1, 1, 0)  # tp, pp, dp, zero of the pre-training run
 TARGET = (1, 2, 1, 1)  # the fine-tune's layout
 SOURCE_STEPS, FINE_TUNE_STEPS = 4, 3
 RTOL = 1e-5
-
-
-def _train(overrides: list[str], resume=None) -> int:
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(TINY_RUN, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), resume=resume, stack_dump=False)
 
 
 def _layout(tp: int, pp: int, dp: int, zero: int) -> list[str]:
@@ -40,7 +28,7 @@ def _layout(tp: int, pp: int, dp: int, zero: int) -> list[str]:
 
 def _run(rank_pool, layout, overrides: list[str], resume=None) -> None:
     world = layout[0] * layout[1] * layout[2]
-    assert rank_pool(world).run(_train, _layout(*layout) + overrides, resume, timeout=600) == [0] * world
+    assert rank_pool(world).run(train_on_rank, _layout(*layout) + overrides, resume, timeout=600) == [0] * world
 
 
 @pytest.fixture(scope="module")

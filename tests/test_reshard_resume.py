@@ -9,34 +9,18 @@ import os
 
 import pytest
 
-from tests.train_fixtures import TINY_RUN, read_losses, write_synthetic_shard
+from tests.train_fixtures import read_losses, train_layout_run, train_on_rank, write_synthetic_shard
 
 STEPS, SAVE_AT = 6, 3
 RTOL = 1e-4
 SOURCE = (2, 2, 2, 1)  # tp, pp, dp, zero
 
 
-def _train(config: str, overrides: list[str], resume) -> int:
-    import torch.distributed as dist
-
-    from megalm.config.run import load_run_config
-    from megalm.training.launch_env import LaunchEnv
-    from megalm.training.loop import train
-
-    cfg = load_run_config(config, overrides)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), resume=resume, stack_dump=False)
-
-
 @pytest.fixture(scope="module")
 def source(rank_pool, tmp_path_factory):
     shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
     run_dir = str(tmp_path_factory.mktemp("source"))
-    tp, pp, dp, zero = SOURCE
-    overrides = [f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", f"train.train_steps={STEPS}",
-                 f"train.save_interval={SAVE_AT}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                 f"parallel.zero_stage={zero}"]
-    assert rank_pool(tp * pp * dp).run(_train, TINY_RUN, overrides, None, timeout=600) == [0] * (tp * pp * dp)
+    train_layout_run(rank_pool, SOURCE, shard, run_dir, STEPS, (f"train.save_interval={SAVE_AT}",))
     losses = read_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return run_dir, losses
@@ -71,7 +55,7 @@ def test_resume_after_reshard_continues_loss_curve(rank_pool, source, tmp_path, 
     assert new.engine_state == src.engine_state
 
     # resume at the new layout: steps SAVE_AT+1 .. STEPS follow the source run's curve
-    assert rank_pool(tp * pp * dp).run(_train, os.path.join(out, "config.yaml"), [], "auto",
+    assert rank_pool(tp * pp * dp).run(train_on_rank, [], "auto", os.path.join(out, "config.yaml"),
                                        timeout=600) == [0] * (tp * pp * dp)
     resumed = read_losses(out)
     assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1)), resumed

@@ -76,18 +76,44 @@ def python() -> str:
 LAYOUT_STEPS = 20  # the layout and precision tests' curve length
 
 
-def train_in_pool(overrides: list[str], run_dir: str):
-    """Runs on every rank of a RankPool: the real entry's train() with the pool's process group."""
+def train_on_rank(overrides: list[str], resume=None, config: str = TINY_RUN, fault: str | None = None) -> int:
+    """Runs on every rank of a RankPool: the real entry's train() with the pool's process group, from
+    `config` plus `overrides`; `fault` is MEGALM_FAULT for this call only (the pool's processes live on)."""
     import torch.distributed as dist
 
     from megalm.config.run import load_run_config
     from megalm.training.launch_env import LaunchEnv
     from megalm.training.loop import train
 
-    cfg = load_run_config(TINY_RUN, overrides + [f"train.run_dir={run_dir}", f"train.train_steps={LAYOUT_STEPS}"])
+    cfg = load_run_config(config, overrides)
     rank, world = dist.get_rank(), dist.get_world_size()
-    rc = train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), stack_dump=False)
-    return rc, (read_losses(run_dir) if rank == 0 else None)
+    saved = os.environ.pop("MEGALM_FAULT", None)
+    if fault is not None:
+        os.environ["MEGALM_FAULT"] = fault
+    try:
+        return train(cfg, LaunchEnv(rank, world, rank, "127.0.0.1", 0, "torch"), resume=resume, stack_dump=False)
+    finally:
+        os.environ.pop("MEGALM_FAULT", None)
+        if saved is not None:
+            os.environ["MEGALM_FAULT"] = saved
+
+
+def train_layout_run(rank_pool, layout: tuple[int, int, int, int], shard: str, run_dir: str, steps: int,
+                     extra: tuple[str, ...] = ()) -> None:
+    """Train the tiny run on `shard` into `run_dir` for `steps` steps at (tp, pp, dp, zero) on a shared
+    pool of tp*pp*dp ranks; every rank must exit 0."""
+    tp, pp, dp, zero = layout
+    overrides = [f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", f"train.train_steps={steps}",
+                 f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.zero_stage={zero}", *extra]
+    assert rank_pool(tp * pp * dp).run(train_on_rank, overrides, timeout=600) == [0] * (tp * pp * dp)
+
+
+def train_in_pool(overrides: list[str], run_dir: str):
+    """`train_on_rank` for LAYOUT_STEPS steps into `run_dir`; rank 0 also returns the losses."""
+    import torch.distributed as dist
+
+    rc = train_on_rank(overrides + [f"train.run_dir={run_dir}", f"train.train_steps={LAYOUT_STEPS}"])
+    return rc, (read_losses(run_dir) if dist.get_rank() == 0 else None)
 
 
 def layout_curve(rank_pool, tp: int, pp: int, dp: int, zero: int, shard: str, run_dir: str, extra=()) -> list[float]:

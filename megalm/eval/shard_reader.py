@@ -29,7 +29,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from megalm.ckpt_files import model_states_name, optim_states_name
+from megalm.ckpt_files import layer_states_name, model_states_name, optim_states_name
 from megalm.config.model import ModelConfig
 from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, load_pt
 from megalm.export.consolidate import model_config_of
@@ -37,11 +37,6 @@ from megalm.export.full_weights import expected_shapes, merge_tp, shard_for_tp
 from megalm.export.zero_merge import ZeroPartitions
 from megalm.model.pipeline import gpt_parameter_names
 from megalm.rundir import META_FILE
-
-
-def layer_states_name(layer_index: int, tp_rank: int) -> str:
-    """DeepSpeed's file of one pipeline layer's state dict at one TP rank (pp>1 checkpoints)."""
-    return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
 
 
 def pipeline_layer_of(name: str, cfg: ModelConfig) -> tuple[int, str]:
@@ -60,22 +55,12 @@ def pipeline_layer_of(name: str, cfg: ModelConfig) -> tuple[int, str]:
     raise CheckpointError(f"{name}: not a GPTModel parameter name")
 
 
-def checkpoint_layout(ref: CheckpointRef) -> tuple[int, int, int, int]:
-    """(tp, pp, dp, zero_stage) the step was saved at, from its megalm.json."""
-    layout = ref.meta.get("layout") or {}
-    try:
-        return tuple(int(layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))  # type: ignore[return-value]
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{ref.meta_path}: 'layout' must give tp, pp, dp and zero_stage; "
-                              f"got {layout!r}") from None
-
-
 class ShardReader:
     """Full tensors of one checkpoint by GPTModel name, read tensor by tensor from its shard files."""
 
     def __init__(self, ref: CheckpointRef):
         self.ref = ref
-        self.tp, self.pp, self.dp, self.zero = checkpoint_layout(ref)
+        self.tp, self.pp, self.dp, self.zero = ref.layout()
         self.cfg: ModelConfig = model_config_of(ref.meta, ref.meta_path)
         self.shapes = expected_shapes(self.cfg)
         self._files: dict[str, Any] = {}  # path -> mmap'd torch.load result

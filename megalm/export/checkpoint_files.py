@@ -51,6 +51,15 @@ class CheckpointRef:
         """This step's megalm.json (the file to name in errors about its metadata)."""
         return meta_file(self.path)
 
+    def layout(self) -> tuple[int, int, int, int]:
+        """(tp, pp, dp, zero_stage) the step was saved at, from its megalm.json."""
+        layout = self.meta.get("layout") or {}
+        try:
+            return tuple(int(layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))  # type: ignore[return-value]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.meta_path}: 'layout' must give tp, pp, dp and zero_stage; "
+                                  f"got {layout!r}") from None
+
     def run_config(self) -> RunConfig:
         """The typed run config this step was trained with; a ConfigError naming its megalm.json when
         that cannot be parsed. Tools read fields from here, never from the raw metadata dict."""

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from megalm.ckpt_files import model_states_name, optim_states_name
+from megalm.ckpt_files import layer_states_name, model_states_name, optim_states_name
 from megalm.config import ConfigError, from_dict
 from megalm.config.model import ModelConfig
 from megalm.config.train import TrainConfig
@@ -36,7 +36,11 @@ from megalm.training.param_groups import group_names
 
 from .checkpoint_files import CheckpointError, CheckpointRef, load_pt
 from .full_weights import check_full_weights, merge_tp
-from .zero_merge import MOMENTS, Merged, merge_zero3, merge_zero12, unflatten_torch_optimizer
+from .zero_merge import MOMENTS, Merged, merge_zero, unflatten_torch_optimizer
+
+
+# What of a DeepSpeed model-states file a layout change carries over: the LR scheduler and the counters.
+ENGINE_STATE_KEYS = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
 
 @dataclass
@@ -66,12 +70,7 @@ class _Reader:
     def __init__(self, ref: CheckpointRef, with_optimizer: bool):
         self.ref = ref
         self.with_optimizer = with_optimizer
-        layout = ref.meta.get("layout") or {}
-        try:
-            self.tp, self.pp, self.dp, self.zero = (int(layout[k]) for k in ("tp", "pp", "dp", "zero_stage"))
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{ref.meta_path}: 'layout' must give tp, pp, dp and zero_stage; "
-                                  f"got {layout!r}") from None
+        self.tp, self.pp, self.dp, self.zero = ref.layout()
         self.cfg = model_config_of(ref.meta, ref.meta_path)
         # The optimizer's grouping depends on the run's train section; parsed up front so a bad config
         # fails before any shard is read (weights alone do not need it).
@@ -104,8 +103,7 @@ class _Reader:
 
     def read_engine_state(self, ms: dict) -> None:
         if not self.engine_state:
-            self.engine_state = {k: ms.get(k) for k in ("lr_scheduler", "global_steps", "global_samples",
-                                                        "skipped_steps")}
+            self.engine_state = {k: ms.get(k) for k in ENGINE_STATE_KEYS}
 
     # ---- pp = 1 ----
     def read_pp1(self, t: int) -> None:
@@ -114,12 +112,12 @@ class _Reader:
         self.read_engine_state(ms)
         same = lambda n: n  # noqa: E731 - GPTModel names already
         if self.zero == 3:  # weights exist only as fp32 partitions
-            merged, step = merge_zero3(self.optim_files(t), ms["param_shapes"])
-            self.put_merged(t, {n: v if self.with_optimizer else {"weight": v["weight"]} for n, v in merged.items()},
-                            step, path, same)
+            kinds = ("weight",) + (MOMENTS if self.with_optimizer else ())
+            merged, step = merge_zero(self.optim_files(t), ms["param_shapes"], (3,), kinds)
+            self.put_merged(t, merged, step, path, same)
             return
         if self.with_optimizer and self.zero in (1, 2):  # fp32 master weights first: exact even under bf16
-            merged, step = merge_zero12(self.optim_files(t), ms["param_shapes"])
+            merged, step = merge_zero(self.optim_files(t), ms["param_shapes"], (1, 2))
             self.put_merged(t, merged, step, path, same)
         module = ms.get("module")
         if not isinstance(module, dict):
@@ -136,7 +134,7 @@ class _Reader:
     def read_layers(self, t: int) -> None:
         L = self.cfg.num_layers
         for idx in range(L + 3):
-            path = self.ref.file(f"layer_{idx:02d}-model_{t:02d}-model_states.pt")
+            path = self.ref.file(layer_states_name(idx, t))
             if idx == L + 2 and self.cfg.tie_embeddings and not os.path.isfile(path):
                 continue  # the tied head is the embedding, saved under layer 0
             for local, v in load_pt(path).items():
@@ -155,7 +153,7 @@ class _Reader:
                 raise CheckpointError(f"{path}: optimizer state of pipeline checkpoints without ZeRO (pp>1, "
                                       f"zero_stage 0) cannot be consolidated; use --weights-only, or train the "
                                       f"source run with zero_stage 1")
-            merged, step = merge_zero12(self.optim_files(mp), ms["param_shapes"])
+            merged, step = merge_zero(self.optim_files(mp), ms["param_shapes"], (1, 2))
             self.put_merged(t, merged, step, path, rename)
 
     def read(self) -> FullState:

@@ -12,7 +12,7 @@ the same way, and (c) they assume a single model-parallel rank):
   flat buffer holds its piece of every parameter, in `param_shapes` order (all groups merged).
 
 `ZeroPartitions` is that walk, one parameter at a time (the elastic resume reads only what a rank
-needs through it); `merge_zero12`/`merge_zero3` apply it to every parameter and return local (this
+needs through it); `merge_zero` applies it to every parameter and returns local (this
 model-parallel rank's) names -> {"weight", "exp_avg", "exp_avg_sq"} and the Adam step count.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ZeroPartitions:
 
     `tensors(name)` assembles that parameter's fp32 master weight and Adam moments (this model-parallel
     rank's shape) from the pieces of the partitions that hold it, so nothing larger than one parameter
-    is ever put together: this is what consolidation (`merge_zero12`/`merge_zero3`, the whole model on
+    is ever put together: this is what consolidation (`merge_zero`, the whole model on
     purpose) and the elastic resume (`megalm.training.elastic`, every rank only its own parameters) share.
     `optim_files`: (path, loaded dict) of every DP rank, in DP order; `param_shapes`: the model-states
     file's per-group {name: shape}."""
@@ -161,19 +161,15 @@ class ZeroPartitions:
                 for k in kinds}
 
 
-def merge_zero12(optim_files: list[tuple[str, dict]], param_shapes: list[dict]) -> tuple[Merged, float]:
-    """`optim_files`: (path, loaded dict) of every DP rank, in DP order."""
+def merge_zero(optim_files: list[tuple[str, dict]], param_shapes: list[dict], stages: tuple[int, ...],
+               kinds: tuple[str, ...] = ("weight",) + MOMENTS) -> tuple[Merged, float]:
+    """Every parameter's `kinds` from the partition files (`optim_files`: (path, loaded dict) of every DP
+    rank, in DP order), which must be of one of the ZeRO `stages`; and the Adam step count."""
     parts = ZeroPartitions(optim_files, param_shapes)
-    if parts.stage not in (1, 2):
-        raise CheckpointError(f"{parts.where}: expected a ZeRO-1/2 optimizer file, found stage {parts.stage}")
-    return {name: parts.tensors(name) for name in parts.names}, parts.step
-
-
-def merge_zero3(optim_files: list[tuple[str, dict]], param_shapes: list[dict]) -> tuple[Merged, float]:
-    parts = ZeroPartitions(optim_files, param_shapes)
-    if parts.stage != 3:
-        raise CheckpointError(f"{parts.where}: expected a ZeRO-3 optimizer file, found stage {parts.stage}")
-    return {name: parts.tensors(name) for name in parts.names}, parts.step
+    if parts.stage not in stages:
+        raise CheckpointError(f"{parts.where}: expected a ZeRO-{'/'.join(map(str, stages))} optimizer file, "
+                              f"found stage {parts.stage}")
+    return {name: parts.tensors(name, kinds) for name in parts.names}, parts.step
 
 
 def unflatten_torch_optimizer(opt_state: dict, names_by_group: list[list[str]], where: str) -> tuple[Merged, float]:

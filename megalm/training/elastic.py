@@ -31,12 +31,11 @@ import torch.distributed as dist
 from megalm import rundir
 from megalm.ckpt_files import model_states_name, optim_states_name
 from megalm.export.checkpoint_files import load_pt
-from megalm.export.engine_state import base_optimizer, apply_local_state
+from megalm.export.consolidate import ENGINE_STATE_KEYS
+from megalm.export.engine_state import apply_local_state
 from megalm.export.zero_merge import ZeroPartitions
 
 from .engine import Engine
-
-ENGINE_STATE_KEYS = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
 
 def load_at_new_dp(engine: Engine, ckpt_dir: str, old_layout: dict) -> None:
@@ -55,19 +54,18 @@ def load_at_new_dp(engine: Engine, ckpt_dir: str, old_layout: dict) -> None:
 
 
 def _restore_loss_scale(ds: Any, global_state: dict) -> None:
-    """fp16: the dynamic loss scale continues where it was (DeepSpeed's `_load_global_state`)."""
+    """fp16: the dynamic loss scale continues where it was (DeepSpeed's `_load_global_state`); `ds.optimizer`
+    is DeepSpeed's ZeRO wrapper here (ZeRO >= 1), which holds it."""
     opt = ds.optimizer
-    if opt is base_optimizer(ds):
-        return
     for key, value in global_state.items():
         if value is not None and hasattr(opt, key):
             setattr(opt, key, value)
 
 
 def record_elastic_resume(run_dir: str, step: int, old_layout: dict, new_layout: dict,
-                          old_accumulation: int, new_accumulation: int) -> dict:
+                          old_accumulation: int, new_accumulation: int) -> None:
     """Rank 0: one `elastic_resume` line in RUN_DIR/restarts.jsonl (next to the supervisor's restart
-    events, so one file tells what each attempt ran on). Returns the record."""
+    events, so one file tells what each attempt ran on)."""
     record = {"event": "elastic_resume", "time": time.time(), "step": step,
               "old_layout": old_layout, "new_layout": new_layout,
               "gradient_accumulation_steps": {"old": old_accumulation, "new": new_accumulation},
@@ -75,4 +73,3 @@ def record_elastic_resume(run_dir: str, step: int, old_layout: dict, new_layout:
     if dist.get_rank() == 0:
         with open(rundir.restarts_file(run_dir), "a") as f:
             f.write(json.dumps(record) + "\n")
-    return record

@@ -138,11 +138,11 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
         if rank == 0:
             print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
         if elastic_change is not None:
-            record = elastic.record_elastic_resume(t.run_dir, state.step, elastic_change.old, elastic_change.new,
-                                                   elastic_change.old_accumulation, elastic_change.new_accumulation)
+            elastic.record_elastic_resume(t.run_dir, state.step, elastic_change.old, elastic_change.new,
+                                          elastic_change.old_accumulation, elastic_change.new_accumulation)
             if rank == 0:
-                print(f"elastic resume: data-parallel size {record['old_layout'].get('dp')} -> "
-                      f"{record['new_layout']['dp']}, gradient accumulation {elastic_change.old_accumulation} -> "
+                print(f"elastic resume: data-parallel size {elastic_change.old.get('dp')} -> "
+                      f"{elastic_change.new['dp']}, gradient accumulation {elastic_change.old_accumulation} -> "
                       f"{elastic_change.new_accumulation} (global batch {t.global_batch_size} kept)", flush=True)
     elif source is not None:
         init_from.load_weights(engine, source, cfg)
