@@ -3,8 +3,11 @@
 Measured: the c10 CPU allocator's accounting through the profiler (megalm/plan/measure.py), i.e. the
 peak bytes of live tensor storage over model build + 1-2 training steps, per rank. Predicted:
 megalm/plan/memory.py with the CPU hardware profile (fp32, no reserve, no fragmentation margin).
-Tiny model (0.2 M parameters; seq 256 so activations matter, seq 32 for the ZeRO buffers) and the 125m
-shape (134 M parameters; seq 64, parameter/optimizer state dominated). Each case runs in fresh processes.
+Tiny model (0.2 M parameters, seq 256 so activations matter) and the 125m shape (134 M parameters;
+seq 64, parameter/optimizer state dominated: it checks the ZeRO buffer terms). Each case runs in fresh
+processes. The tiny ZeRO cases ran at seq 32 until the buckets were sized to the model: their whole peak
+was then ~6 MiB, and the tracker's run-to-run spread under ZeRO-3 (5.8-7.5 MiB measured for the same
+case, see the caveat below) was larger than the tolerance.
 
 Measurement caveat (not a model error): the profiler does not see frees made on gloo's worker threads,
 which sometimes drop the last reference to a communicated tensor. Under TP the tracked bytes therefore
@@ -30,8 +33,8 @@ CASES = [  # (model, seq, micro, global, tp, pp, dp, zero, activation checkpoint
     ("tiny", 256, 4, 4, 2, 1, 1, 0, False, 1),
     ("tiny", 256, 4, 4, 4, 1, 1, 0, False, 1),
     ("tiny", 256, 4, 8, 2, 2, 1, 0, False, 1),
-    ("tiny", 32, 2, 8, 1, 1, 2, 1, False, 2),
-    ("tiny", 32, 2, 8, 1, 1, 2, 3, False, 2),
+    ("tiny", 256, 4, 8, 1, 1, 2, 1, False, 2),
+    ("tiny", 256, 4, 8, 1, 1, 2, 3, False, 2),
     ("125m", 64, 1, 2, 1, 1, 1, 0, False, 2),
     ("125m", 64, 1, 2, 2, 1, 1, 0, False, 1),
     ("125m", 64, 1, 2, 1, 1, 2, 3, False, 2),
