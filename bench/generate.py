@@ -37,7 +37,7 @@ def _rerun_batched(model, prompts: list[list[int]], new_tokens: int) -> list[lis
     from megalm.model import KVCache
 
     rows = [list(p) for p in prompts]
-    with torch.no_grad():
+    with torch.inference_mode():  # as generate_batch runs both of its paths
         for _ in range(new_tokens):
             width = max(map(len, rows))
             ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])

@@ -100,9 +100,12 @@ def _generate_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_t
     for step in range(cached_steps):
         if step:
             logits = model(torch.tensor(fed, dtype=torch.long, device=device)[:, None], cache=cache)[:, -1]
+        logits = full_vocab(model, logits)
+        if len(live) < len(prompts):  # (indexing copies the logits: only once some row has finished)
+            logits = logits[torch.tensor(live, device=device)]
         fed = [0] * len(prompts)  # a finished row is fed a dummy token: its output is complete
         still = []
-        for r, token in zip(live, pick(live, full_vocab(model, logits)[live])):
+        for r, token in zip(live, pick(live, logits)):
             fed[r] = token
             new[r].append(token)
             if not _finished(token, r, new[r], stop_id, stop_when):
@@ -116,7 +119,7 @@ def _generate_cached(model: torch.nn.Module, prompts: list[list[int]], max_new_t
     return new
 
 
-@torch.no_grad()
+@torch.inference_mode()  # not just no_grad: no version counters or view tracking, ~10% of a decode step
 def generate_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_id: Optional[int] = None,
                    kv_cache: bool = True, stop_when: Optional[StopRule] = None) -> list[list[int]]:

@@ -37,9 +37,10 @@ class KVCache:
         self.length = 0  # slots filled by committed forwards
         self.padded = False  # some slot so far is padding (then positions and masks are per row)
         self._end = 0  # slots filled once the forward in progress commits
-        self.positions: Optional[torch.Tensor] = None  # [batch, new] RoPE positions of the new tokens
+        self.positions: Optional[torch.Tensor] = None  # [batch, new] RoPE positions of the new tokens; None: slots
         self.mask: Optional[torch.Tensor] = None  # [batch or 1, 1, new, _end] True = may attend; None: all
         self._rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._table: Optional[tuple[tuple[int, float], torch.Tensor, torch.Tensor]] = None  # cos/sin per slot
 
     @classmethod
     def for_model(cls, model: nn.Module, batch: int, max_len: int) -> "KVCache":
@@ -61,30 +62,47 @@ class KVCache:
                              f"a larger max_len (prompt length + max new tokens)")
         self.valid[:, start:end] = True if valid is None else valid
         self.padded = self.padded or (valid is not None and not bool(valid.all()))
-        device = self.valid.device
-        query = torch.arange(start, end, device=device)[:, None]
-        key = torch.arange(end, device=device)[None, :]
-        if self.padded:
-            seen = self.valid[:, :end]
-            self.positions = (seen.cumsum(-1)[:, start:end] - 1).clamp(min=0)
-            self.mask = (((key <= query) & seen[:, None, :]) | (key == query))[:, None]
-        else:  # no padding anywhere: positions are slot numbers; one new token may attend to every slot
-            self.positions = query.T.expand(self.batch, new)
-            self.mask = None if new == 1 else (key <= query)[None, None]
         self._end = end
+        if not self.padded:
+            # positions are the slot numbers (rotary slices its table); a single new token may attend to
+            # every slot, so the per-token decode step builds no tensor here at all
+            self.positions = None
+            self.mask = None if new == 1 else self._causal(start, end)[None, None]
+            return
+        seen = self.valid[:, :end]
+        self.positions = (seen.cumsum(-1)[:, start:end] - 1).clamp(min=0)
+        key = torch.arange(end, device=self.valid.device)[None, :]
+        self.mask = ((self._causal(start, end) & seen[:, None, :]) | (key == key[:, start:end].T))[:, None]
+
+    def _causal(self, start: int, end: int) -> torch.Tensor:
+        """[new, end]: slot start + i may attend to slots 0..start + i."""
+        device = self.valid.device
+        return torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
 
     def rotary(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [batch, 1, new, head_dim] at the new tokens' positions (computed once, shared by the layers)."""
+        """cos/sin [batch or 1, 1, new, head_dim] at the new tokens' positions (looked up once per forward in a
+        table of every slot's position, built on first use, and shared by the layers)."""
         if self._rotary is None:
-            cos, sin = rotary_cos_sin(self.positions, head_dim, theta)
-            self._rotary = cos[:, None], sin[:, None]
+            if self._table is None or self._table[0] != (head_dim, theta):
+                # positions never exceed slot numbers (< max_len): one table serves every forward, instead
+                # of recomputing cos/sin (about ten small ops) per decode step
+                slots = torch.arange(self.max_len, device=self.valid.device)
+                self._table = ((head_dim, theta), *rotary_cos_sin(slots, head_dim, theta))
+            _, cos, sin = self._table
+            if self.positions is None:  # unpadded: the new tokens' positions are slots length.._end
+                self._rotary = cos[None, None, self.length:self._end], sin[None, None, self.length:self._end]
+            else:
+                self._rotary = cos[self.positions][:, None], sin[self.positions][:, None]
         return self._rotary
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store layer `layer`'s new k/v [batch, kv_heads, new, head_dim]; return all of its k/v so far."""
-        self.k[layer][:, :, self.length:self._end] = k
-        self.v[layer][:, :, self.length:self._end] = v
-        return self.k[layer][:, :, :self._end], self.v[layer][:, :, :self._end]
+        # written in place into the preallocated buffers (narrow + copy_: no per-step allocation or cat)
+        start, new = self.length, self._end - self.length
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, new).copy_(k)
+        values.narrow(2, start, new).copy_(v)
+        return keys.narrow(2, 0, self._end), values.narrow(2, 0, self._end)
 
     def commit(self) -> None:
         """End the forward: its tokens are now part of the context."""
