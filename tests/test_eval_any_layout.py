@@ -41,7 +41,8 @@ def _no_consolidation():
 def _eval_on_rank(argv: list[str]) -> tuple[list[dict], dict[str, int]]:
     """On every rank of a pool: megalm-eval's run as torchrun would start it, with consolidation
     refused; returns the results and {name: numel} of every full tensor this rank assembled."""
-    from megalm.eval import evaluate, shard_reader
+    from megalm.eval import evaluate
+    from megalm.export import shard_reader
 
     seen: dict[str, int] = {}
     full = shard_reader.ShardReader.full

@@ -27,8 +27,10 @@ def tokenizer_path(tmp_path_factory):
     return path
 
 
-# (name, parallel overrides, tied): untied from a TP=2 checkpoint, tied from a PP=2 pipeline checkpoint
-RUNS = [("untied-tp2", ["parallel.tp=2"], False), ("tied-pp2", ["parallel.pp=2", "parallel.zero_stage=1"], True)]
+# (name, parallel overrides, tied): untied from a TP=2 checkpoint, tied from a PP=2 pipeline checkpoint,
+# untied from ZeRO-3 over dp=2 (the weights exist only as partitions)
+RUNS = [("untied-tp2", ["parallel.tp=2"], False), ("tied-pp2", ["parallel.pp=2", "parallel.zero_stage=1"], True),
+        ("untied-z3-dp2", ["parallel.zero_stage=3"], False)]
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +78,39 @@ def test_exported_logits_match(runs, tmp_path, name):
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.parametrize("name,dtype,shard_size", [("untied-tp2", "float32", "5GB"), ("tied-pp2", "bfloat16", "5GB"),
+                                                   ("untied-z3-dp2", "float16", "60KB")])
+def test_streamed_export_equals_the_consolidated_tensors(runs, tmp_path, name, dtype, shard_size):
+    """The streaming export (tensor by tensor from the shard files, headers written first) holds exactly
+    what the old way wrote: consolidate the whole model, convert, safetensors' own save_file."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+    from megalm.export.hf import DTYPES, export_hf, hf_state_dict
+
+    out = str(tmp_path / "hf")
+    files = export_hf(runs[name], out, dtype=dtype, max_shard_size=shard_size)
+    state = consolidate(locate_checkpoint(runs[name]))
+    old = hf_state_dict(state.weights, state.cfg, DTYPES[dtype])
+    save_file(old, str(tmp_path / "old.safetensors"), metadata={"format": "pt"})
+    old = load_file(str(tmp_path / "old.safetensors"))
+    new = {}
+    for f in files:
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(out, f), "pt") as st:
+                assert st.metadata() == {"format": "pt"}
+                new.update({k: st.get_tensor(k) for k in st.keys()})
+    assert sorted(new) == sorted(old)
+    for k, t in old.items():
+        assert new[k].dtype == t.dtype == DTYPES[dtype] and torch.equal(new[k], t), k
+    assert (len([f for f in files if f.endswith(".safetensors")]) > 1) is (shard_size == "60KB")
+
+
 def test_sharded_export_with_index(runs, tmp_path):
-    from megalm.export.hf import INDEX_FILE, export_hf
+    from megalm.export.hf import export_hf
+    from megalm.export.safetensors_out import INDEX_FILE
 
     out = str(tmp_path / "hf")
     files = export_hf(runs["untied-tp2"], out, max_shard_size="100KB")

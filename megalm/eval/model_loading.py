@@ -3,7 +3,7 @@ pipeline stage of any (tp, pp) grid.
 
 Whatever layout the checkpoint was saved at, no rank consolidates it: each builds only its own part of
 the model at its TP shard and fills it parameter by parameter from the shard files
-(`megalm.eval.shard_reader`), so a rank holds its stage plus one full tensor at a time. A (2, 2, 2,
+(`megalm.export.shard_reader`), so a rank holds its stage plus one full tensor at a time. A (2, 2, 2,
 ZeRO-1) checkpoint therefore loads the same as a single-process one, at any target layout.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from megalm.export.full_weights import load_full_weights
 from megalm.model import GPTModel
 from megalm.parallel.grid import ProcessGrid
 
-from .shard_reader import ShardReader, fill_parameters
+from megalm.export.shard_reader import ShardReader, fill_parameters
 
 
 def model_from_state(state: FullState, grid: Optional[ProcessGrid] = None,

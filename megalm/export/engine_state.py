@@ -1,4 +1,6 @@
-"""Put a layout-free FullState into a live DeepSpeed engine of any layout, and save it from there.
+"""Put a checkpoint into a live DeepSpeed engine of any layout, and save it from there: a saved step read
+tensor by tensor (`apply_checkpoint`, megalm-reshard) or a layout-free FullState (`apply_full_state`,
+megalm-import and init_from).
 
 This is how a checkpoint moves to another (tp, pp, dp, ZeRO) layout: the target layout's own engine
 is built by `megalm.training.engine.build_engine` (so its model, parameter groups, ZeRO partitioning
@@ -11,6 +13,7 @@ Every function here is collective: every rank of the target world calls it, in t
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -19,6 +22,7 @@ from megalm.training.engine import Engine
 
 from .consolidate import FullState, pipeline_to_gpt_name
 from .full_weights import shard_for_tp
+from .shard_reader import ShardReader
 from .zero_merge import MOMENTS
 
 
@@ -66,7 +70,44 @@ def apply_full_state(engine: Engine, state: FullState, weights_only: bool = Fals
     apply_local_state(engine, local, (state.adam_step or 0.0) if restore_optimizer else None, state.engine_state)
 
 
-def apply_local_state(engine: Engine, local: Callable[[str], dict[str, torch.Tensor]], adam_step: Optional[float],
+def apply_checkpoint(engine: Engine, reader: ShardReader, schedule: bool = True) -> None:
+    """Like `apply_full_state`, reading from a saved step of any layout one parameter at a time instead of
+    from consolidated tensors: every rank reads each full tensor it needs, keeps its TP slice and unmaps
+    the files again, so it holds its own share of the target layout plus one tensor. The optimizer
+    state comes along when `reader` was made `with_optimizer`; the LR schedule and engine counters unless
+    `schedule` is False (a fresh run that only takes the weights)."""
+    grid, cfg = engine.grid, reader.cfg
+
+    def local(name: str) -> Mapping[str, torch.Tensor]:
+        return _KindsOnDemand(reader, pipeline_to_gpt_name(name, cfg) if engine.is_pipeline else name, grid)
+
+    adam_step = reader.adam_step() if reader.with_optimizer else None
+    apply_local_state(engine, local, adam_step, reader.engine_state() if schedule else {})
+
+
+class _KindsOnDemand(Mapping):
+    """One parameter's {"weight", "exp_avg", "exp_avg_sq"} at this rank's TP shape, each read from the
+    checkpoint only when asked for and the files unmapped right after: `apply_local_state` takes them
+    one at a time, so a rank holds one full tensor (and the file pages it touched) beyond its engine."""
+
+    def __init__(self, reader: ShardReader, name: str, grid: Any):
+        self.reader, self.name, self.grid = reader, name, grid
+
+    def __getitem__(self, kind: str) -> torch.Tensor:
+        if kind not in self.reader.kinds:
+            raise KeyError(kind)
+        full = self.reader.state(self.name, (kind,))[kind]
+        self.reader.close()
+        return shard_for_tp(self.name, full, self.reader.cfg, self.grid.tp, self.grid.tp_rank, copy=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.reader.kinds)
+
+    def __len__(self) -> int:
+        return len(self.reader.kinds)
+
+
+def apply_local_state(engine: Engine, local: Callable[[str], Mapping[str, torch.Tensor]], adam_step: Optional[float],
                       engine_state: dict) -> None:
     """Collective. For every parameter of this rank's engine (by its name in `ds.module`), `local(name)`
     gives {"weight"} or {"weight", "exp_avg", "exp_avg_sq"} at this rank's model-parallel shape; they

@@ -75,24 +75,29 @@ def check_full_weights(weights: Mapping[str, torch.Tensor], cfg: ModelConfig, wh
 def merge_tp(name: str, shards: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
     """Full tensor from the TP shards of `name` (rank order); vocabulary padding rows stripped."""
     dim = tp_partition_dim(name)
-    full = shards[0] if dim is None else torch.cat(shards, dim=dim)
+    full = shards[0] if dim is None or len(shards) == 1 else torch.cat(shards, dim=dim)  # tp=1: no copy
     if name in VOCAB_PARAMS:
         full = full[: cfg.vocab_size]
     return full.contiguous()
 
 
-def shard_for_tp(name: str, full: torch.Tensor, cfg: ModelConfig, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's slice of a full tensor (vocabulary padded with zero rows to tp*128 first)."""
+def shard_for_tp(name: str, full: torch.Tensor, cfg: ModelConfig, tp: int, rank: int,
+                 copy: bool = True) -> torch.Tensor:
+    """This TP rank's slice of a full tensor (vocabulary padded with zero rows to tp*128 first). A new
+    tensor, unless `copy=False` and the slice is `full` itself (tp=1, no padding rows): a reader that
+    only copies it on saves one tensor's worth of memory."""
     dim = tp_partition_dim(name)
     if name in VOCAB_PARAMS:  # only this rank's rows are built: no padded copy of the whole table
         rows = cfg.padded_vocab_size(tp) // tp
+        if not copy and tp == 1 and rows == full.shape[0]:
+            return full
         start = rank * rows
         out = full.new_zeros((rows,) + tuple(full.shape[1:]))
         real = max(0, min(rows, full.shape[0] - start))
         out[:real] = full[start:start + real]
         return out
     if dim is None or tp == 1:
-        return full.clone()
+        return full.clone() if copy else full
     if full.shape[dim] % tp != 0:
         raise CheckpointError(f"{name}: dim {dim} of size {full.shape[dim]} cannot be split over tp={tp}")
     return full.chunk(tp, dim=dim)[rank].clone()

@@ -22,17 +22,16 @@ import sys
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
-
 from megalm.config.model import ModelConfig
 from megalm.model.params import hf_llama_name, split_qkv
 
 from .checkpoint_files import CheckpointError, locate_checkpoint
-from .consolidate import consolidate
+from .full_weights import expected_shapes
+from .safetensors_out import TensorSpec, write_safetensors_stream
+from .shard_reader import ShardReader
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+QKV = re.compile(r"layers\.(\d+)\.attention\.qkv\.weight")
 
 
 def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id: Optional[int] = None,
@@ -66,17 +65,43 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32", bos_id: Optional[int] = 
     }
 
 
+def hf_tensors(name: str, full: torch.Tensor, cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """One full GPTModel weight -> its LlamaForCausalLM tensors (the fused qkv becomes q/k/v_proj)."""
+    m = QKV.fullmatch(name)
+    if m:
+        return [(f"model.layers.{m.group(1)}.self_attn.{proj}_proj.weight", part.to(dtype).contiguous())
+                for proj, part in zip("qkv", split_qkv(full, cfg))]
+    return [(hf_llama_name(name), full.to(dtype).contiguous())]
+
+
 def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """Full weights -> LlamaForCausalLM tensors (contiguous, `dtype`)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in weights.items():
-        m = re.fullmatch(r"layers\.(\d+)\.attention\.qkv\.weight", name)
-        if m:
-            for proj, part in zip("qkv", split_qkv(t, cfg)):
-                out[f"model.layers.{m.group(1)}.self_attn.{proj}_proj.weight"] = part
+    """Full weights (in memory) -> LlamaForCausalLM tensors (contiguous, `dtype`)."""
+    return dict(pair for name, t in weights.items() for pair in hf_tensors(name, t, cfg, dtype))
+
+
+def hf_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
+    """Name, shape and dtype of every LlamaForCausalLM tensor of `cfg`, in the order `hf_tensors` yields them
+    over GPTModel order: known before any tensor is read, so the safetensors headers are written first."""
+    specs = []
+    for name, shape in expected_shapes(cfg).items():
+        if QKV.fullmatch(name):
+            meta = torch.empty(shape, device="meta")
+            specs += [TensorSpec(hf, tuple(t.shape), dtype) for hf, t in hf_tensors(name, meta, cfg, dtype)]
         else:
-            out[hf_llama_name(name)] = t
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
+            specs.append(TensorSpec(hf_llama_name(name), shape, dtype))
+    return specs
+
+
+def stream_hf_tensors(reader: ShardReader, dtype: torch.dtype):
+    """(HF name, tensor) for the whole checkpoint, one GPTModel parameter at a time; the reader's file maps
+    are dropped after each, so resident memory holds one parameter (and its converted copy)."""
+    for name in reader.names:
+        full = reader.full(name)
+        pairs = hf_tensors(name, full, reader.cfg, dtype)
+        del full
+        yield from pairs
+        del pairs
+        reader.close()
 
 
 def parse_size(text: str) -> int:
@@ -84,32 +109,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"--max-shard-size: {text!r} is not a size like 5GB, 500MB or 1000000")
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: str, max_shard_bytes: int) -> list[str]:
-    """One model.safetensors, or shards + index json (HF's naming) when the total exceeds the limit."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    if len(shards) == 1:
-        save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
-        return [SINGLE_FILE]
-    files, weight_map = [], {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return files + [INDEX_FILE]
 
 
 def write_tokenizer(tokenizer_path: str, out_dir: str, max_len: int) -> tuple[Optional[int], Optional[int]]:
@@ -164,19 +163,21 @@ def export_hf(run_dir: str, output: str, step: Optional[int] = None, dtype: str 
             raise ExportError(f"--output {output} already exists: pass --overwrite to replace it, or choose "
                               f"another directory")
     ref = locate_checkpoint(run_dir, step)
-    state = consolidate(ref)
+    reader = ShardReader(ref)
+    cfg = reader.cfg
     tmp = f"{output}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # our own pid's leftover: a dead export, never a live one
     os.makedirs(tmp)
     try:
-        files = save_safetensors(hf_state_dict(state.weights, state.cfg, DTYPES[dtype]), tmp, max_bytes)
+        files = write_safetensors_stream(tmp, hf_specs(cfg, DTYPES[dtype]), stream_hf_tensors(reader, DTYPES[dtype]),
+                                         max_bytes)
         tok_path = tokenizer or ref.run_config().data.tokenizer
         bos = eos = None
         if tok_path:
-            bos, eos = write_tokenizer(tok_path, tmp, state.cfg.max_seq_len)
+            bos, eos = write_tokenizer(tok_path, tmp, cfg.max_seq_len)
             files += ["tokenizer.json", "tokenizer_config.json"]
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(state.cfg, dtype, bos, eos), f, indent=2)
+            json.dump(hf_config(cfg, dtype, bos, eos), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": bos, "eos_token_id": eos}, f, indent=2)
         _move_into_place(tmp, output)

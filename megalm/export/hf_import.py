@@ -36,7 +36,7 @@ from megalm.model.params import hf_llama_name, merge_qkv
 from .checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
 from .consolidate import FullState
 from .full_weights import check_full_weights, expected_shapes
-from .hf import INDEX_FILE, SINGLE_FILE
+from .safetensors_out import INDEX_FILE, SINGLE_FILE
 
 HF_CONFIG_FILE = "config.json"
 HF_TOKENIZER_FILE = "tokenizer.json"

@@ -6,10 +6,13 @@ on a differently shaped cluster.
 
 then: `python -m megalm.train --config NEW_RUN_DIR/config.yaml --resume auto` on T*P*D processes.
 
-How: the source is consolidated (fp32 master weights and Adam moments, `megalm.export.consolidate`),
-written to a scratch file, and T*P*D local CPU processes (gloo) each build the target layout's engine,
-load their slice (`megalm.export.engine_state`) and save through the training code's own atomic
-checkpoint writer. The new megalm.json records the new layout, the same step / consumed samples /
+How: T*P*D local CPU processes (gloo) each build the target layout's engine, read the source step
+tensor by tensor straight from its shard files (`megalm.export.shard_reader`: fp32 master weights and
+Adam moments, one full tensor at a time, files unmapped after each), keep their own slice
+(`megalm.export.engine_state.apply_checkpoint`) and save through the training code's own atomic
+checkpoint writer. Nothing is consolidated: the parent process holds no tensor, and each rank holds
+its share of the target layout plus one full tensor (the largest: the embedding), whatever the
+model size. The new megalm.json records the new layout, the same step / consumed samples /
 data seed (so the data order continues), and where it came from. --weights-only restarts the Adam
 moments (and warns: the first steps after resuming then differ from the original run's).
 """
@@ -17,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -30,9 +35,10 @@ from megalm.config.run import RunConfig, run_config_from_dict
 from megalm.training.launch_env import free_port
 
 from .checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
-from .consolidate import FullState, consolidate
+from .consolidate import FullState
+from .shard_reader import ShardReader
 
-SCRATCH = ".reshard-state.pt"
+SCRATCH = ".reshard-state.pt"  # a FullState handed to the workers (megalm-import's converted weights)
 META_KEYS_SET_BY_SAVE = ("format_version", "step", "consumed_samples", "skipped_steps", "saved_at")
 
 
@@ -63,9 +69,10 @@ def target_meta(ref: CheckpointRef, cfg: RunConfig, dp: int) -> dict:
     return meta
 
 
-def save_resharded(state: FullState, cfg: RunConfig, meta: dict, weights_only: bool) -> str:
+def save_resharded(source: dict, cfg: RunConfig, meta: dict, weights_only: bool) -> str:
     """Collective over an initialised default process group of size tp*pp*dp: build the target
-    engine, load `state` into it and save it as RUN_DIR/checkpoints/step_N. Returns that directory."""
+    engine, load the source into it and save it as RUN_DIR/checkpoints/step_N. Returns that directory.
+    `source`: {"checkpoint": step directory} (read tensor by tensor) or {"state": FullState file}."""
     import deepspeed
     import torch.distributed as dist
 
@@ -73,15 +80,22 @@ def save_resharded(state: FullState, cfg: RunConfig, meta: dict, weights_only: b
     from megalm.training import checkpoint as ckpt
     from megalm.training.engine import build_engine
 
-    from .engine_state import apply_full_state
+    from .engine_state import apply_checkpoint, apply_full_state
 
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     grid = initialize_process_grid(cfg.parallel.tp, cfg.parallel.pp)
     try:
         torch.manual_seed(cfg.train.seed)
         engine = build_engine(cfg, grid)
-        apply_full_state(engine, state, weights_only)
-        src = state.ref.meta
+        if "checkpoint" in source:
+            ref = locate_checkpoint(source["checkpoint"])
+            apply_checkpoint(engine, ShardReader(ref, with_optimizer=not weights_only))
+        else:
+            state = load_state(source["state"])
+            ref = state.ref
+            apply_full_state(engine, state, weights_only)
+            del state
+        src = ref.meta
         train_state = ckpt.TrainState(step=int(src["step"]), consumed_samples=int(src["consumed_samples"]),
                                       skipped_steps=int(src.get("skipped_steps", 0)))
         return ckpt.save_checkpoint(engine.ds, cfg.train.run_dir, train_state, meta, keep_last=10**9)
@@ -89,9 +103,14 @@ def save_resharded(state: FullState, cfg: RunConfig, meta: dict, weights_only: b
         destroy_process_grid()
 
 
-def _worker(local_rank: int, world: int, port: int, state_path: str, cfg_dict: dict, meta: dict,
-            weights_only: bool) -> None:
-    """One spawned rank of the target layout (CPU, gloo)."""
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _worker(local_rank: int, world: int, port: int, source: dict, cfg_dict: dict, meta: dict,
+            weights_only: bool, peaks) -> None:
+    """One spawned rank of the target layout (CPU, gloo); reports its peak resident memory on `peaks`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
                       LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world), DS_ACCELERATOR="cpu",
                       CUDA_VISIBLE_DEVICES="")
@@ -100,10 +119,10 @@ def _worker(local_rank: int, world: int, port: int, state_path: str, cfg_dict: d
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=local_rank, world_size=world)
     try:
-        state = load_state(state_path)
-        save_resharded(state, run_config_from_dict(cfg_dict), meta, weights_only)
+        save_resharded(source, run_config_from_dict(cfg_dict), meta, weights_only)
     finally:
         dist.destroy_process_group()
+    peaks.put((local_rank, peak_rss_bytes()))
 
 
 def dump_state(state: FullState, path: str) -> None:
@@ -121,22 +140,45 @@ def load_state(path: str) -> FullState:
                      adam_step=d["adam_step"], engine_state=d["engine_state"])
 
 
+def run_workers(source: dict, cfg: RunConfig, meta: dict, weights_only: bool, world: int) -> list[int]:
+    """`world` local CPU ranks (gloo) run `save_resharded` on `source`; returns each rank's peak resident
+    bytes. A CheckpointError or ConfigError raised on a rank is raised here with its message."""
+    peaks = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    try:
+        torch.multiprocessing.start_processes(_worker, args=(world, free_port(), source, cfg.to_dict(), meta,
+                                                             weights_only, peaks),
+                                              nprocs=world, join=True, start_method="spawn")
+    except torch.multiprocessing.ProcessRaisedException as e:
+        last = str(e).strip().splitlines()[-1]
+        for kind in ("CheckpointError", "ConfigError"):
+            marker = f"{kind}: "
+            if marker in last:
+                raise CheckpointError(last.split(marker, 1)[1]) from None
+        raise
+    by_rank = dict(peaks.get() for _ in range(world))
+    return [by_rank[r] for r in range(world)]
+
+
 def save_with_workers(state: FullState, cfg: RunConfig, meta: dict, weights_only: bool, world: int) -> None:
     """Write `state` as a checkpoint of cfg's layout into cfg.train.run_dir (which must exist): `world`
-    local CPU ranks (gloo) each load it from a scratch file there and run `save_resharded`."""
+    local CPU ranks each load it from a scratch file there and run `save_resharded`."""
     scratch = os.path.join(cfg.train.run_dir, SCRATCH)
     dump_state(state, scratch)
     try:
-        torch.multiprocessing.start_processes(_worker, args=(world, free_port(), scratch, cfg.to_dict(), meta,
-                                                             weights_only),
-                                              nprocs=world, join=True, start_method="spawn")
+        run_workers({"state": scratch}, cfg, meta, weights_only, world)
     finally:
         os.unlink(scratch)
 
 
+@dataclass
+class Resharded:
+    path: str  # the new step directory
+    rank_peak_rss: list[int]  # peak resident bytes of each target rank that wrote it
+
+
 def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
-            zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> str:
-    """Convert one checkpoint; spawns the target world's ranks locally. Returns the new step directory."""
+            zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> Resharded:
+    """Convert one checkpoint; spawns the target world's ranks locally."""
     ref = locate_checkpoint(checkpoint, step)
     cfg, dp = target_config(ref, output, tp, pp, dp, zero_stage)
     if list_checkpoints(output):
@@ -145,13 +187,13 @@ def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = 
     if weights_only:
         warnings.warn("--weights-only: Adam moments and the step count restart from zero at the new layout; "
                       "the loss curve will not continue exactly (expect a short bump while Adam re-warms)")
-    state = consolidate(ref, with_optimizer=not weights_only)
+    ShardReader(ref, with_optimizer=not weights_only)  # refuses unreadable optimizer state before any rank starts
     meta = target_meta(ref, cfg, dp)
     os.makedirs(output, exist_ok=True)
-    save_with_workers(state, cfg, meta, weights_only, world=tp * pp * dp)
+    peaks = run_workers({"checkpoint": ref.path}, cfg, meta, weights_only, world=tp * pp * dp)
     with open(rundir.config_file(output), "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    return locate_checkpoint(output, ref.step).path
+    return Resharded(locate_checkpoint(output, ref.step).path, peaks)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -167,13 +209,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--weights-only", action="store_true", help="restart the optimizer state (with a warning)")
     args = p.parse_args(argv)
     try:
-        path = reshard(args.checkpoint, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.step,
+        done = reshard(args.checkpoint, args.output, args.tp, args.pp, args.dp, args.zero_stage, args.step,
                        args.weights_only)
     except (CheckpointError, ConfigError) as e:
         print(f"megalm-reshard: {e}", file=sys.stderr)
         return 2
-    world = locate_checkpoint(path).meta["layout"]["world_size"]
-    print(f"wrote {path}\nresume with: torchrun --nproc_per_node={world} -m megalm.train "
+    world = locate_checkpoint(done.path).meta["layout"]["world_size"]
+    peaks = "/".join(f"{b / 2**30:.2f}" for b in done.rank_peak_rss)
+    print(f"wrote {done.path}\npeak resident memory: this process {peak_rss_bytes() / 2**30:.2f} GiB, target ranks "
+          f"{peaks} GiB\nresume with: torchrun --nproc_per_node={world} -m megalm.train "
           f"--config {rundir.config_file(args.output)} --resume auto")
     return 0
 

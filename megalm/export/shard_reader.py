@@ -31,12 +31,14 @@ from torch import nn
 
 from megalm.ckpt_files import layer_states_name, model_states_name, optim_states_name
 from megalm.config.model import ModelConfig
-from megalm.export.checkpoint_files import CheckpointError, CheckpointRef, load_pt
-from megalm.export.consolidate import model_config_of
-from megalm.export.full_weights import expected_shapes, merge_tp, shard_for_tp
-from megalm.export.zero_merge import ZeroPartitions
-from megalm.model.pipeline import gpt_parameter_names
+from megalm.model.pipeline import gpt_parameter_names, pipeline_to_gpt_name
 from megalm.rundir import META_FILE
+from megalm.training.param_groups import group_names
+
+from .checkpoint_files import CheckpointError, CheckpointRef, load_pt
+from .consolidate import ENGINE_STATE_KEYS, model_config_of
+from .full_weights import expected_shapes, merge_tp, shard_for_tp
+from .zero_merge import MOMENTS, Merged, ZeroPartitions, unflatten_torch_optimizer
 
 
 def pipeline_layer_of(name: str, cfg: ModelConfig) -> tuple[int, str]:
@@ -56,15 +58,31 @@ def pipeline_layer_of(name: str, cfg: ModelConfig) -> tuple[int, str]:
 
 
 class ShardReader:
-    """Full tensors of one checkpoint by GPTModel name, read tensor by tensor from its shard files."""
+    """Full tensors of one checkpoint by GPTModel name, read tensor by tensor from its shard files.
 
-    def __init__(self, ref: CheckpointRef):
+    `with_optimizer`: `state(name)` also returns the Adam moments, and the weights then come from ZeRO's
+    fp32 master partitions where the run kept them (exact even when the module was bf16), as
+    `consolidate(ref, with_optimizer=True)` reads them. Files stay mapped until `close()`; a caller that
+    walks a whole model calls it after each tensor, so the pages it touched are unmapped again and its
+    resident memory stays at one tensor's worth."""
+
+    def __init__(self, ref: CheckpointRef, with_optimizer: bool = False):
         self.ref = ref
         self.tp, self.pp, self.dp, self.zero = ref.layout()
         self.cfg: ModelConfig = model_config_of(ref.meta, ref.meta_path)
         self.shapes = expected_shapes(self.cfg)
+        self.with_optimizer = with_optimizer
+        if with_optimizer and self.pp > 1 and self.zero != 1:
+            raise CheckpointError(f"{ref.path}: optimizer state of pipeline checkpoints without ZeRO-1 (pp={self.pp}, "
+                                  f"zero_stage {self.zero}) cannot be read; use --weights-only, or train the source "
+                                  f"run with zero_stage 1")
+        # The optimizer's grouping (ZeRO-0) depends on the train section: parsed up front so a bad config fails first.
+        self._train_cfg = ref.run_config().train if with_optimizer and self.zero == 0 else None
         self._files: dict[str, Any] = {}  # path -> mmap'd torch.load result
-        self._partitions: dict[int, ZeroPartitions] = {}  # source TP rank -> its ZeRO-3 partitions
+        self._partitions: dict[int, ZeroPartitions] = {}  # model-parallel rank -> its ZeRO partitions
+        self._torch_moments: dict[int, Merged] = {}  # ZeRO-0, pp=1: source TP rank -> its moments (mmap views)
+        self._stage_of: dict[str, tuple[int, str]] = {}  # pp>1: GPTModel name -> (first stage holding it, its name there)
+        self._adam_step: Optional[float] = None
 
     @property
     def names(self) -> list[str]:
@@ -77,19 +95,34 @@ class ShardReader:
             self._files[path] = load_pt(path, deepspeed_types=deepspeed_types, mmap=True)
         return self._files[path]
 
-    def _zero3(self, t: int) -> ZeroPartitions:
-        if t not in self._partitions:
-            shapes = self._open(model_states_name(t, 3)).get("param_shapes")
-            files = [(self.ref.file(optim_states_name(d, t)), self._open(optim_states_name(d, t), True))
+    def _zero(self, mp: int) -> ZeroPartitions:
+        """The ZeRO partitions of model-parallel rank `mp` (its optimizer files of every DP rank)."""
+        if mp not in self._partitions:
+            shapes = self._open(model_states_name(mp, self.zero)).get("param_shapes")
+            files = [(self.ref.file(optim_states_name(d, mp)), self._open(optim_states_name(d, mp), True))
                      for d in range(self.dp)]
-            self._partitions[t] = ZeroPartitions(files, shapes)
-        return self._partitions[t]
+            self._partitions[mp] = ZeroPartitions(files, shapes)
+            if self._adam_step is None:
+                self._adam_step = self._partitions[mp].step
+        return self._partitions[mp]
 
-    def _piece(self, name: str, t: int) -> tuple[torch.Tensor, str]:
-        """Source TP rank t's piece of `name` (an mmap-backed view where possible) and its file."""
-        if self.pp == 1 and self.zero == 3:  # the weights exist only as fp32 partitions
-            parts = self._zero3(t)
-            return parts.tensors(name, ("weight",))["weight"], parts.where
+    def _pipeline_stage(self, name: str) -> tuple[int, str]:
+        """pp>1: the stage whose model-parallel files hold `name`'s optimizer state (the tied embedding:
+        the first stage) and the PipelineModule name it has there. Read once from every stage's
+        param_shapes (names and shapes only)."""
+        if not self._stage_of:
+            for p in range(self.pp - 1, -1, -1):  # the first stage last, so it wins for the tied embedding
+                shapes = load_pt(self.ref.file(model_states_name(p * self.tp, self.zero)), mmap=True)["param_shapes"]
+                for group in shapes:
+                    for local in group:
+                        self._stage_of[pipeline_to_gpt_name(local, self.cfg)] = (p, local)
+        if name not in self._stage_of:
+            raise CheckpointError(f"{self.ref.path}: no pipeline stage's param_shapes holds {name}; the checkpoint "
+                                  f"was saved by another model than its {META_FILE} describes")
+        return self._stage_of[name]
+
+    def _module_piece(self, name: str, t: int) -> tuple[torch.Tensor, str]:
+        """Source TP rank t's weight of `name` as the module saved it (an mmap-backed view) and its file."""
         if self.pp == 1:
             file = model_states_name(t, self.zero)
             module = self._open(file).get("module")
@@ -106,28 +139,84 @@ class ShardReader:
                                   f"was saved by another model than its {META_FILE} describes")
         return module[local], self.ref.file(file)
 
-    def full(self, name: str) -> torch.Tensor:
-        """The full (tp=1, unpadded vocabulary) tensor of parameter `name`, checked against the model
-        shape in megalm.json (a mismatch names the file it came from)."""
+    def _pieces(self, name: str, t: int, kinds: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], str]:
+        """Source TP rank t's `kinds` of `name` (its model-parallel shape) and the file they came from."""
+        if self.zero == 3 or (self.with_optimizer and self.zero in (1, 2)):
+            # ZeRO-3: the weights exist only as fp32 partitions; ZeRO-1/2: the fp32 master copy, with its moments.
+            stage, local = (0, name) if self.pp == 1 else self._pipeline_stage(name)
+            parts = self._zero(stage * self.tp + t)  # DeepSpeed's mp_rank: the grid's order (decision 1)
+            return parts.tensors(local, kinds), parts.where
+        out = {}
+        if "weight" in kinds:
+            out["weight"], file = self._module_piece(name, t)
+        else:
+            file = self.ref.file(model_states_name(t, self.zero))
+        if set(kinds) & set(MOMENTS):  # ZeRO-0, pp=1: the torch optimizer's index-keyed state, split by the train rule
+            if t not in self._torch_moments:
+                ms = self._open(model_states_name(t, self.zero))
+                groups = group_names(list(ms["module"]), self._train_cfg)
+                self._torch_moments[t], step = unflatten_torch_optimizer(ms["optimizer"], groups, file)
+                self._adam_step = step if self._adam_step is None else self._adam_step
+            if name not in self._torch_moments[t]:
+                raise CheckpointError(f"{file}: no optimizer state for {name} (never stepped); reshard with "
+                                      f"--weights-only")
+            out.update({k: v for k, v in self._torch_moments[t][name].items() if k in kinds})
+        return out, file
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """What `state` returns per parameter: the weight, and the Adam moments `with_optimizer`."""
+        return ("weight",) + (MOMENTS if self.with_optimizer else ())
+
+    def state(self, name: str, kinds: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
+        """The full (tp=1, unpadded vocabulary) tensors of parameter `name`: `kinds` of {"weight"}, plus
+        "exp_avg" and "exp_avg_sq" when the reader was made `with_optimizer` (default: all of them);
+        checked against the model shape in megalm.json (a mismatch names the file it came from)."""
         if name not in self.shapes:
             raise CheckpointError(f"{self.ref.path}: {name} is not a parameter of the model its {META_FILE} describes "
                                   f"(num_layers={self.cfg.num_layers}, tie_embeddings={self.cfg.tie_embeddings})")
-        pieces, files = zip(*(self._piece(name, t) for t in range(self.tp)))
-        full = merge_tp(name, list(pieces), self.cfg)
-        if tuple(full.shape) != self.shapes[name]:
-            raise CheckpointError(f"{files[0]}: {name} has shape {tuple(full.shape)} but the model needs "
-                                  f"{self.shapes[name]}: the checkpoint was saved by another model than its "
-                                  f"{META_FILE} describes")
-        return full
+        kinds = kinds or self.kinds
+        if not set(kinds) <= set(self.kinds):
+            raise ValueError(f"{kinds}: this reader reads {self.kinds} (make it with_optimizer for the moments)")
+        pieces, files = zip(*(self._pieces(name, t, kinds) for t in range(self.tp)))
+        out = {}
+        for kind in kinds:
+            full = merge_tp(name, [p[kind] for p in pieces], self.cfg)
+            if tuple(full.shape) != self.shapes[name]:
+                raise CheckpointError(f"{files[0]}: {name} has shape {tuple(full.shape)} but the model needs "
+                                      f"{self.shapes[name]}: the checkpoint was saved by another model than its "
+                                      f"{META_FILE} describes")
+            out[kind] = full
+        return out
+
+    def full(self, name: str) -> torch.Tensor:
+        """The full weight of parameter `name` (see `state`)."""
+        return self.state(name)["weight"]
 
     def shard(self, name: str, tp: int = 1, rank: int = 0) -> torch.Tensor:
         """TP rank `rank` of `tp`'s slice of `name` (vocabulary padded for `tp`), as a new tensor."""
         return shard_for_tp(name, self.full(name), self.cfg, tp, rank)
 
+    def adam_step(self) -> float:
+        """The optimizer's step count (bias correction), from the first optimizer file (with_optimizer)."""
+        if self._adam_step is None:
+            if self.zero > 0:
+                self._zero(0)  # reads the step from the partitions' state, no tensor
+            else:
+                self._pieces(self.names[0], 0, MOMENTS)
+            self.close()
+        return self._adam_step or 0.0
+
+    def engine_state(self) -> dict:
+        """DeepSpeed's engine counters and the LR scheduler's state, from model-parallel rank 0's file."""
+        ms = load_pt(self.ref.file(model_states_name(0, self.zero)), mmap=True)
+        return {k: ms.get(k) for k in ENGINE_STATE_KEYS}
+
     def close(self) -> None:
-        """Drop the file maps (a reader is cheap to make again)."""
+        """Unmap the files (reopened on the next read; the pipeline stage index is kept)."""
         self._files.clear()
         self._partitions.clear()
+        self._torch_moments.clear()
 
 
 def fill_parameters(model: nn.Module, reader: ShardReader, tp: int = 1, tp_rank: int = 0,
@@ -145,3 +234,4 @@ def fill_parameters(model: nn.Module, reader: ShardReader, tp: int = 1, tp_rank:
                                       f"the model built here has {tuple(p.shape)}; it was built for another model")
             p.copy_(shard)
             del shard
+            reader.close()  # unmap what this tensor touched: resident memory stays at one tensor

@@ -47,9 +47,9 @@ def _step_of(state: dict) -> float:
     return float(step.item() if torch.is_tensor(step) else step)
 
 
-def _narrow_cat(pieces: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
-    """Elements [start, start + length) of the concatenation of the 1-D `pieces`, reading only those
-    (the pieces may be mmap-backed: a partition file is then paged in only where a parameter lies)."""
+def _narrow_views(pieces: list[torch.Tensor], start: int, length: int) -> list[torch.Tensor]:
+    """Views of elements [start, start + length) of the concatenation of the 1-D `pieces`, touching only
+    those (the pieces may be mmap-backed: a partition file is then paged in only where a parameter lies)."""
     out, at = [], 0
     for piece in pieces:
         n = piece.numel()
@@ -60,7 +60,13 @@ def _narrow_cat(pieces: list[torch.Tensor], start: int, length: int) -> torch.Te
     got = sum(t.numel() for t in out)
     if got != length:
         raise IndexError(f"elements [{start}, {start + length}) lie beyond the {at} the partitions hold")
-    return torch.cat(out) if len(out) > 1 else out[0].clone()
+    return out
+
+
+def _narrow_cat(pieces: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of the concatenation of the 1-D `pieces`, as a new tensor."""
+    views = _narrow_views(pieces, start, length)
+    return torch.cat(views) if len(views) > 1 else views[0].clone()
 
 
 class ZeroPartitions:
@@ -157,7 +163,9 @@ class ZeroPartitions:
         if self.stage in (1, 2):
             return {k: _narrow_cat(pieces[k], offset, n).view(shape) for k in kinds}
         part = math.ceil(n / self.dp)
-        return {k: torch.cat([_narrow_cat(r[k], offset, part) for r in self._zero3_ranks])[:n].view(shape).clone()
+        # One copy: the DP ranks' pieces (views into their files) are concatenated into a new tensor; the
+        # last rank's padding (< dp elements) stays behind the view.
+        return {k: torch.cat([v for r in self._zero3_ranks for v in _narrow_views(r[k], offset, part)])[:n].view(shape)
                 for k in kinds}
 
 

@@ -1,9 +1,9 @@
 """`train.init_from`: a fresh run starts from another model's weights (DESIGN decision 39).
 
-Sources: a megalm RUN_DIR (its latest step), RUN_DIR/checkpoints/step_N (any layout: consolidated by
-`megalm.export.consolidate`), or a Hugging Face LlamaForCausalLM directory (read by `megalm-import`'s
+Sources: a megalm RUN_DIR (its latest step), RUN_DIR/checkpoints/step_N (any layout: read tensor by
+tensor by `megalm.export.shard_reader`, each rank keeping its slice), or a Hugging Face LlamaForCausalLM directory (read by `megalm-import`'s
 converter, `megalm.export.hf_import`). Only the weights are taken, into whatever (tp, pp, dp, ZeRO)
-layout this run has (`megalm.export.engine_state.apply_full_state`); the optimizer, LR schedule, step
+layout this run has (`megalm.export.engine_state`); the optimizer, LR schedule, step
 counter and consumed samples are this run's own, from zero.
 
 It applies only when the run starts fresh: a run dir with a checkpoint to resume resumes it and never
@@ -118,22 +118,22 @@ def record(meta: dict, source: Optional[InitSource], point: Optional[ResumePoint
 
 
 def load_weights(engine: Any, source: InitSource, cfg: RunConfig) -> None:
-    """Collective: every rank loads the source's full weights and keeps its slice. The engine's fresh
-    optimizer state, LR schedule and counters are left as built."""
+    """Collective: every rank reads the source's weights one full tensor at a time and keeps its slice.
+    The engine's fresh optimizer state, LR schedule and counters are left as built."""
     from megalm.export.checkpoint_files import locate_checkpoint
-    from megalm.export.consolidate import consolidate
-    from megalm.export.engine_state import apply_full_state
+    from megalm.export.engine_state import apply_checkpoint, apply_full_state
     from megalm.export.full_weights import check_full_weights
     from megalm.export.hf_import import hf_full_state
+    from megalm.export.shard_reader import ShardReader
 
     if source.format == "hf":
         state = hf_full_state(source.path, source.model)
-    else:
-        state = consolidate(locate_checkpoint(source.path))
-    check_full_weights(state.weights, cfg.model, source.path)
-    # engine_state={}: apply_full_state restores a schedule and counters from it, which a fresh run must not take
-    state = dataclasses.replace(state, cfg=cfg.model, moments=None, adam_step=None, engine_state={})
-    apply_full_state(engine, state, weights_only=True)
+        check_full_weights(state.weights, cfg.model, source.path)
+        # engine_state={}: apply_full_state restores a schedule and counters from it, which a fresh run must not take
+        state = dataclasses.replace(state, cfg=cfg.model, moments=None, adam_step=None, engine_state={})
+        apply_full_state(engine, state, weights_only=True)
+    else:  # a megalm step of any layout, read tensor by tensor: no rank gathers the model
+        apply_checkpoint(engine, ShardReader(locate_checkpoint(source.path)), schedule=False)
     if dist.get_rank() == 0:
         step = f" (step {source.step})" if source.step is not None else ""
         print(f"initialised weights from {source.path}{step}; optimizer, schedule and step counter start fresh",

@@ -1,0 +1,128 @@
+"""Issue 12 acceptance: the checkpoint tools stream. On a 350m checkpoint (373 M parameters, 1.49 GB in
+fp32) saved by ZeRO-3 over dp=2 (the weights exist only as partitions, the hardest source):
+
+* `megalm-export` peaks at less than 25% of the model's fp32 size above its fixed overhead, the peak RSS of
+  `python -c "import deepspeed, megalm.export.hf"` measured in the same test (interpreter, torch,
+  safetensors, and deepspeed, whose types the ZeRO files unpickle);
+  what it writes equals the old way (consolidate the whole model, convert, `save_file`) tensor for tensor.
+* `megalm-reshard` to (1,1,1,0): the command's own process holds no tensor (under 25% above the same
+  kind of overhead), and its one target rank holds its engine's own state (weights and two Adam moments,
+  12 bytes per parameter) plus at most one tensor group (weight + moments of the embedding) and 25% of
+  the model above a rank's fixed overhead: the same reshard of the tiny model, measured here. The old
+  path held the whole consolidated state (3x the fp32 size) in the parent and again in every rank.
+
+Peak RSS is the kernel's high-water mark (ru_maxrss of a fresh parent's children), so it counts every
+page the process touched, mapped checkpoint pages included."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.harness import RankPool
+from tests.train_fixtures import train_on_rank, write_synthetic_shard
+
+STREAM_BUDGET = 0.25  # of the model's fp32 size
+PROBE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(r.returncode)")
+
+
+def peak_rss(args: list[str]) -> tuple[int, str]:
+    """Peak RSS in bytes of the command `args` (and its children), and its stdout."""
+    res = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    *out, peak = res.stdout.strip().splitlines()
+    return int(peak), "\n".join(out)
+
+
+def _train(model: str, run_dir: str, shard: str) -> None:
+    overrides = [f"model={model}", f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}", "data.seq_len=16",
+                 "train.micro_batch_size=1", "train.global_batch_size=2", "train.train_steps=1",
+                 "parallel.zero_stage=3"]
+    with RankPool(2) as pool:  # a fresh pool: the shared one would keep the 350m engine's memory
+        assert pool.run(train_on_rank, overrides, timeout=900) == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
+    out = {}
+    for model in ("tiny", "350m"):
+        out[model] = str(tmp_path_factory.mktemp(f"z3-{model}"))
+        _train(model, out[model], shard)
+    return out
+
+
+def _fp32_bytes(run_dir: str) -> int:
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.shard_reader import ShardReader
+
+    return 4 * ShardReader(locate_checkpoint(run_dir)).cfg.num_parameters()
+
+
+def test_export_streams_under_a_quarter_of_the_model(checkpoints, tmp_path):
+    from safetensors import safe_open
+
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+    from megalm.export.hf import hf_state_dict
+
+    run_dir = checkpoints["350m"]
+    fp32 = _fp32_bytes(run_dir)
+    assert fp32 > 1.4e9
+    overhead, _ = peak_rss([sys.executable, "-c", "import deepspeed, megalm.export.hf"])
+    out = str(tmp_path / "hf")
+    peak, _ = peak_rss([sys.executable, "-m", "megalm.export.hf", "--checkpoint", run_dir, "--output", out,
+                        "--max-shard-size", "5GB"])
+    print(f"megalm-export 350m: peak RSS {peak / 2**20:.0f} MiB, fixed overhead {overhead / 2**20:.0f} MiB, "
+          f"model fp32 {fp32 / 2**20:.0f} MiB: {(peak - overhead) / fp32:.1%} of it")
+    assert peak - overhead <= STREAM_BUDGET * fp32, (peak, overhead, fp32)
+
+    # one model.safetensors (the 5GB limit), holding exactly what the old way wrote
+    state = consolidate(locate_checkpoint(run_dir))
+    old = hf_state_dict(state.weights, state.cfg)
+    del state
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as st:
+        assert sorted(st.keys()) == sorted(old)
+        for name in st.keys():
+            assert torch.equal(st.get_tensor(name), old[name]), name
+
+
+def _reshard_peaks(run_dir: str, out: str) -> tuple[int, list[float]]:
+    """(peak of the whole command, [this process, rank 0] GiB as megalm-reshard reports them)."""
+    peak, stdout = peak_rss([sys.executable, "-m", "megalm.export.reshard", "--checkpoint", run_dir, "--output", out,
+                             "--tp", "1", "--pp", "1", "--dp", "1", "--zero-stage", "0"])
+    m = re.search(r"peak resident memory: this process ([\d.]+) GiB, target ranks ([\d.]+) GiB", stdout)
+    assert m, stdout
+    return peak, [float(m.group(1)) * 2**30, float(m.group(2)) * 2**30]
+
+
+def test_reshard_ranks_hold_their_share_plus_one_tensor_group(checkpoints, tmp_path):
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.shard_reader import ShardReader
+
+    tiny_peak, (tiny_parent, tiny_rank) = _reshard_peaks(checkpoints["tiny"], str(tmp_path / "tiny"))
+    out = str(tmp_path / "350m")
+    peak, (parent, rank) = _reshard_peaks(checkpoints["350m"], out)
+    fp32 = _fp32_bytes(checkpoints["350m"])
+    cfg = ShardReader(locate_checkpoint(out)).cfg
+    largest_group = 3 * 4 * cfg.vocab_size * cfg.hidden_size  # the embedding's weight and two moments
+    share = 3 * fp32  # ZeRO-0 at dp=1: the rank's engine holds every weight and both moments
+    print(f"megalm-reshard 350m (1,1,2,3) -> (1,1,1,0): command peak {peak / 2**20:.0f} MiB; this process "
+          f"{parent / 2**20:.0f} MiB (tiny {tiny_parent / 2**20:.0f}); rank {rank / 2**20:.0f} MiB (tiny "
+          f"{tiny_rank / 2**20:.0f}), own state {share / 2**20:.0f} MiB + largest tensor group "
+          f"{largest_group / 2**20:.0f} MiB; model fp32 {fp32 / 2**20:.0f} MiB")
+    assert parent - tiny_parent <= STREAM_BUDGET * fp32, (parent, tiny_parent)
+    assert rank - tiny_rank <= share + largest_group + STREAM_BUDGET * fp32, (rank, tiny_rank, share)
+
+    # and the files hold the source's tensors exactly (weights and moments), read one at a time
+    src = ShardReader(locate_checkpoint(checkpoints["350m"]), with_optimizer=True)
+    new = ShardReader(locate_checkpoint(out), with_optimizer=True)
+    for name in ("embedding.weight", "layers.23.mlp.down_proj.weight", "final_norm.weight"):
+        a, b = src.state(name), new.state(name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert new.adam_step() == src.adam_step() == 1.0  # every tensor is compared on small layouts (test_reshard_resume)
