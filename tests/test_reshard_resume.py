@@ -8,6 +8,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.train_fixtures import read_losses, train_layout_run, train_on_rank, write_synthetic_shard
 
@@ -95,3 +96,35 @@ def test_impossible_or_unsafe_targets_are_refused(source, tmp_path, capsys):
     assert reshard(["--checkpoint", src_dir, "--step", "5", "--output", str(tmp_path / "c"), "--tp", "1",
                     "--pp", "1"]) == 2
     assert "available steps: 3, 6" in capsys.readouterr().err
+
+
+def _reshard_on_rank(argv: list[str]) -> int:
+    """On every rank of a pool: megalm-reshard as torchrun would start it (the pool's process group)."""
+    from megalm.export.reshard import main
+
+    return main(argv)
+
+
+def test_reshard_as_the_launched_target_world(rank_pool, source, tmp_path):
+    """Started as the target's ranks (torchrun/srun), each rank writes its own part: no local spawn, and
+    the files hold exactly the source's weights and moments. A launch of the wrong size is refused."""
+    from megalm.export.checkpoint_files import locate_checkpoint
+    from megalm.export.consolidate import consolidate
+
+    src_dir, _ = source
+    out = str(tmp_path / "launched")
+    # --dp omitted: the launched world (2) over tp x pp = 1 says dp = 2
+    assert rank_pool(2).run(_reshard_on_rank, ["--checkpoint", src_dir, "--step", str(SAVE_AT), "--output", out,
+                                               "--tp", "1", "--pp", "1", "--zero-stage", "3"], timeout=600) == [0, 0]
+    new_ref = locate_checkpoint(out)
+    assert new_ref.meta["layout"] == {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 3, "world_size": 2}
+    src = consolidate(locate_checkpoint(src_dir, SAVE_AT), with_optimizer=True)
+    new = consolidate(new_ref, with_optimizer=True)
+    for name, w in src.weights.items():
+        assert torch.equal(new.weights[name], w), name
+        assert all(torch.equal(new.moments[name][k], src.moments[name][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert os.path.isfile(os.path.join(out, "config.yaml"))
+
+    codes = rank_pool(2).run(_reshard_on_rank, ["--checkpoint", src_dir, "--output", str(tmp_path / "wrong"),
+                                                "--tp", "1", "--pp", "1", "--dp", "4"], timeout=300)
+    assert codes == [2, 2]

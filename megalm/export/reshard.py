@@ -6,6 +6,10 @@ on a differently shaped cluster.
 
 then: `python -m megalm.train --config NEW_RUN_DIR/config.yaml --resume auto` on T*P*D processes.
 
+Started plainly, it spawns the T*P*D target ranks on this host; started as those ranks (torchrun
+--nproc_per_node, srun -n, mpirun, across nodes), each rank writes its own part, so no host needs
+more than its own ranks' share of the model and optimizer state.
+
 How: T*P*D local CPU processes (gloo) each build the target layout's engine, read the source step
 tensor by tensor straight from its shard files (`megalm.export.shard_reader`: fp32 master weights and
 Adam moments, one full tensor at a time, files unmapped after each), keep their own slice
@@ -32,6 +36,7 @@ import yaml
 from megalm.config import ConfigError
 from megalm import rundir
 from megalm.config.run import RunConfig, run_config_from_dict
+from megalm.training import launch_env
 from megalm.training.launch_env import free_port
 
 from .checkpoint_files import CheckpointError, CheckpointRef, list_checkpoints, locate_checkpoint
@@ -43,19 +48,27 @@ META_KEYS_SET_BY_SAVE = ("format_version", "step", "consumed_samples", "skipped_
 
 
 def target_config(ref: CheckpointRef, output: str, tp: int, pp: int, dp: Optional[int],
-                  zero_stage: Optional[int]) -> tuple[RunConfig, int]:
-    """The source run's config at the new layout (validated like a training config); returns it and dp."""
+                  zero_stage: Optional[int], launched_world: int = 1) -> tuple[RunConfig, int]:
+    """The source run's config at the new layout (validated like a training config); returns it and dp.
+    `launched_world` > 1: the tool runs as that many ranks (torchrun/srun/mpirun), which must be the
+    target's world."""
     source = ref.run_config()
     layout = ref.meta["layout"]
     data = source.to_dict()  # through the dict form, so the new layout is validated like a training config
     data["parallel"].update(tp=tp, pp=pp, zero_stage=source.parallel.zero_stage if zero_stage is None else zero_stage)
     data["train"]["run_dir"] = os.path.abspath(output)
     cfg = run_config_from_dict(data)  # ConfigError names the field (e.g. ZeRO>=2 with pp>1, heads vs tp)
+    if dp is None and launched_world > 1:  # launched as the target world: its size says dp
+        dp = launched_world // (tp * pp)
     if dp is None:  # keep the world size when it divides, else the data-parallel size
         world = int(layout.get("world_size") or layout["tp"] * layout["pp"] * layout["dp"])
         dp = world // (tp * pp) if world % (tp * pp) == 0 else int(layout["dp"])
     if dp < 1:
         raise ConfigError(f"--dp: must be >= 1, got {dp}")
+    if launched_world > 1 and launched_world != tp * pp * dp:
+        raise ConfigError(f"--tp {tp} --pp {pp} --dp {dp}: the target layout has {tp * pp * dp} ranks but this launch "
+                          f"started {launched_world} processes; launch megalm-reshard with "
+                          f"--nproc_per_node={tp * pp * dp} (or srun -n {tp * pp * dp}), or without a launcher")
     cfg.train.gradient_accumulation_steps(dp)  # the global batch must still split over dp ranks
     return cfg, dp
 
@@ -176,11 +189,34 @@ class Resharded:
     rank_peak_rss: list[int]  # peak resident bytes of each target rank that wrote it
 
 
+def save_as_launched(source: dict, cfg: RunConfig, meta: dict, weights_only: bool,
+                     launch: launch_env.LaunchEnv) -> list[int]:
+    """This process is one rank of the target world (torchrun, srun, mpirun, or a caller's process group):
+    write its part of the checkpoint; returns every rank's peak resident bytes. Each node then holds only
+    its own ranks' shares, so a model larger than one host reshards on the nodes that will train it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        launch_env.export(launch)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the tested path: the state is written from host memory
+        dist.init_process_group("gloo")
+    os.makedirs(cfg.train.run_dir, exist_ok=True)
+    save_resharded(source, cfg, meta, weights_only)
+    peaks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak_rss_bytes())
+    return [int(p) for p in peaks]
+
+
 def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
             zero_stage: Optional[int] = None, step: Optional[int] = None, weights_only: bool = False) -> Resharded:
-    """Convert one checkpoint; spawns the target world's ranks locally."""
+    """Convert one checkpoint. In a plain process it spawns the target world's ranks locally; started as
+    the target world itself (torchrun/srun/mpirun, or inside a process group) each rank writes its part."""
+    import torch.distributed as dist
+
+    launch = launch_env.discover()
+    launched = dist.get_world_size() if dist.is_initialized() else launch.world_size
     ref = locate_checkpoint(checkpoint, step)
-    cfg, dp = target_config(ref, output, tp, pp, dp, zero_stage)
+    cfg, dp = target_config(ref, output, tp, pp, dp, zero_stage, launched)
     if list_checkpoints(output):
         raise CheckpointError(f"{output} already holds checkpoints {list_checkpoints(output)}; write the "
                               f"resharded checkpoint to a new run directory")
@@ -189,10 +225,16 @@ def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = 
                       "the loss curve will not continue exactly (expect a short bump while Adam re-warms)")
     ShardReader(ref, with_optimizer=not weights_only)  # refuses unreadable optimizer state before any rank starts
     meta = target_meta(ref, cfg, dp)
-    os.makedirs(output, exist_ok=True)
-    peaks = run_workers({"checkpoint": ref.path}, cfg, meta, weights_only, world=tp * pp * dp)
-    with open(rundir.config_file(output), "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if launched > 1:
+        peaks = save_as_launched({"checkpoint": ref.path}, cfg, meta, weights_only, launch)
+    else:
+        os.makedirs(output, exist_ok=True)
+        peaks = run_workers({"checkpoint": ref.path}, cfg, meta, weights_only, world=tp * pp * dp)
+    if launched == 1 or dist.get_rank() == 0:
+        with open(rundir.config_file(output), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    if launched > 1:
+        dist.barrier()  # config.yaml is there on every rank's return
     return Resharded(locate_checkpoint(output, ref.step).path, peaks)
 
 
@@ -214,6 +256,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (CheckpointError, ConfigError) as e:
         print(f"megalm-reshard: {e}", file=sys.stderr)
         return 2
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0
     world = locate_checkpoint(done.path).meta["layout"]["world_size"]
     peaks = "/".join(f"{b / 2**30:.2f}" for b in done.rank_peak_rss)
     print(f"wrote {done.path}\npeak resident memory: this process {peak_rss_bytes() / 2**30:.2f} GiB, target ranks "
