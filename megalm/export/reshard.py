@@ -202,9 +202,9 @@ def save_as_launched(source: dict, cfg: RunConfig, meta: dict, weights_only: boo
         dist.init_process_group("gloo")
     os.makedirs(cfg.train.run_dir, exist_ok=True)
     save_resharded(source, cfg, meta, weights_only)
-    peaks: list = [None] * dist.get_world_size()
-    dist.all_gather_object(peaks, peak_rss_bytes())
-    return [int(p) for p in peaks]
+    from megalm.parallel.device import gather_objects
+
+    return [int(p) for p in gather_objects(peak_rss_bytes())]
 
 
 def reshard(checkpoint: str, output: str, tp: int, pp: int, dp: Optional[int] = None,
