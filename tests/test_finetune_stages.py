@@ -21,7 +21,7 @@ from tests.train_fixtures import TINY_RUN
 
 ENV = {"OMP_NUM_THREADS": "1"}
 SEQ_LEN = 32
-FINETUNE = ["train.train_steps=300", "train.lr=3e-3", "train.min_lr=1e-3", "train.warmup_steps=10",
+FINETUNE = ["train.train_steps=400", "train.lr=3e-3", "train.min_lr=1e-3", "train.warmup_steps=10",
             "train.micro_batch_size=16", "train.global_batch_size=32", "train.save_interval=0"]
 
 
