@@ -38,7 +38,9 @@ def slow_corpus(tmp_path_factory):
     tok = train_tiny_tokenizer(str(root / "tokenizer.json"))
     rng = random.Random(3)
     words = [rng.choice(WORDS[:8]) for _ in range(40000)]  # cheap to encode, so results are written often
-    texts = [f"doc {i}: " + " ".join(words[i * 97:] + words[:i * 97]) for i in range(120)]
+    # 480 documents: the fast BPE path encodes 120 in ~0.5 s, and a resumed run with ~30 left then had its
+    # workers finish while the main process still wrote shards ("no worker processes" at the signal)
+    texts = [f"doc {i}: " + " ".join(words[i * 97 % 40000:] + words[:i * 97 % 40000]) for i in range(480)]
     corpus = write_jsonl(str(root / "long.jsonl"), [{"text": t} for t in texts])
     ref = str(root / "ref/c")
     tokenize(TokenizeOptions(inputs=[corpus], tokenizer=tok, output_prefix=ref, append_eod=True, shard_size=SHARD_SIZE,
