@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm import rundir, runlock
-from megalm.ckpt_files import expected_rank_files, pt_files, zip_problem
+from megalm.ckpt_files import expected_rank_files, file_problem, pt_files, universal_kinds
 from megalm.rundir import LATEST_FILE, META_FILE, checkpoint_root, tag_for
 
 __all__ = ["CheckpointEntry", "checkpoint_root", "latest_complete_step", "list_checkpoints", "plan_prune", "prune",
@@ -149,6 +149,8 @@ def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
             problems.append(f"missing {rel}")
     names = os.listdir(entry.path)
     zero, world, tp = int(layout.get("zero_stage", 0)), layout["world_size"], layout["tp"]
+    if universal_kinds(layout):  # layout-free: no DeepSpeed files, whatever layout it was made for
+        zero, layout = 0, dict(layout, pp=1)
     if zero >= 1:
         optim = [n for n in names if re.match(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$", n)]
         if len(optim) != world:
@@ -171,7 +173,7 @@ def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
             if short:
                 problems.append(f"layer(s) {short} do not have one file per TP rank ({tp})")
     for path in pt_files(entry.path):
-        why = zip_problem(path, quick)
+        why = file_problem(path, quick)
         if why:
             problems.append(f"{os.path.relpath(path, entry.path)}: {why}")
     return problems

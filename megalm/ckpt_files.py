@@ -9,7 +9,9 @@ fully, members whose CRCs match. The quick check reads only each file's tail.
 """
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zipfile
 from typing import Optional
 
@@ -34,10 +36,30 @@ def optim_states_name(dp_rank: int, mp_rank: int) -> str:
     return f"zero_pp_rank_{dp_rank}_mp_rank_{mp_rank:02d}_optim_states.pt"
 
 
+# A layout-free ("universal") step, as `megalm-reshard` writes it (DESIGN decision 48): one safetensors
+# file per kind of tensor ("weight", "exp_avg", "exp_avg_sq") holding every parameter's full fp32 tensor
+# under its GPTModel name, and one .pt with the Adam step count, the LR schedule and the engine counters.
+# megalm.json's layout says {"universal": [the kinds stored], tp, pp, dp, zero_stage, world_size}, the
+# numbers being the layout it was made for; any layout resumes it.
+UNIVERSAL_STATE_FILE = "universal_state.pt"
+
+
+def universal_tensor_file(kind: str) -> str:
+    """The safetensors file of one kind of tensor ("weight", "exp_avg", "exp_avg_sq") in a universal step."""
+    return f"universal_{kind}.safetensors"
+
+
+def universal_kinds(layout: Optional[dict]) -> tuple[str, ...]:
+    """The kinds of tensor a universal step holds; () for a step DeepSpeed saved at its layout."""
+    return tuple((layout or {}).get("universal") or ())
+
+
 def expected_rank_files(layout: dict) -> list[str]:
     """File names (relative to the step directory) that must exist for a layout (megalm.json's
     `layout`): one rng file per rank, and DeepSpeed's model-state files (one per data-parallel rank ×
     TP rank under ZeRO-3 at pp=1, else one per pipeline stage × TP rank)."""
+    if universal_kinds(layout):
+        return [universal_tensor_file(k) for k in universal_kinds(layout)] + [UNIVERSAL_STATE_FILE]
     tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
     zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
     exact = [rundir.rng_relpath(r) for r in range(world)]
@@ -64,6 +86,29 @@ def zip_problem(path: str, quick: bool) -> Optional[str]:
     return None
 
 
+def safetensors_problem(path: str) -> Optional[str]:
+    """Why the safetensors file at `path` cannot be read, or None: its header must parse and its data
+    must reach the end the header gives (a truncated copy fails here, before any rank maps it)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                return "truncated: the header runs past the end of the file"
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as e:
+        return f"not a safetensors file ({type(e).__name__})"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) != size:
+        return f"truncated: {size} bytes, the header needs {8 + header_len + max(ends, default=0)}"
+    return None
+
+
+def file_problem(path: str, quick: bool) -> Optional[str]:
+    """Why a checkpoint file (.pt or .safetensors) cannot be read, or None."""
+    return safetensors_problem(path) if path.endswith(".safetensors") else zip_problem(path, quick)
+
+
 def first_problem(ckpt_dir: str, layout: Optional[dict], quick: bool) -> Optional[tuple[str, str]]:
     """(path, why) of the first missing or unreadable file of a step directory, or None. `layout`
     (megalm.json's) names the files that must exist; without it only the present `.pt` files are read."""
@@ -73,15 +118,15 @@ def first_problem(ckpt_dir: str, layout: Optional[dict], quick: bool) -> Optiona
             if not os.path.isfile(path):
                 return path, "missing (the save did not write it, or it was deleted)"
     for path in pt_files(ckpt_dir):
-        why = zip_problem(path, quick)
+        why = file_problem(path, quick)
         if why is not None:
             return path, why
     return None
 
 
 def pt_files(ckpt_dir: str) -> list[str]:
-    """Every `.pt` under a step directory, in a stable order."""
+    """Every `.pt` and `.safetensors` under a step directory, in a stable order."""
     found = []
     for dirpath, _, names in sorted(os.walk(ckpt_dir)):
-        found += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith(".pt")]
+        found += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith((".pt", ".safetensors"))]
     return found

@@ -1,15 +1,18 @@
 """Issue 6 acceptance: a (tp, pp, dp, ZeRO) = (2, 2, 2, 1) checkpoint resharded with `megalm-reshard`
 resumes at another layout and continues the original run's loss curve within 1e-4 relative; the
-resharded files hold exactly the source's weights and Adam moments; --weights-only warns; impossible
-target layouts fail with the field named."""
+resharded (universal) step holds exactly the source's weights and Adam moments; a universal step
+resumes at a layout other than the one it was made for too; --weights-only warns; impossible target
+layouts fail with the field named; a truncated universal file is named before any rank loads it."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 
+from tests.harness import free_port, run_command
 from tests.train_fixtures import read_losses, train_layout_run, train_on_rank, write_synthetic_shard
 
 STEPS, SAVE_AT = 6, 3
@@ -45,7 +48,8 @@ def test_resume_after_reshard_continues_loss_curve(rank_pool, source, tmp_path, 
     # the new files hold exactly the source's weights, Adam moments, step count and schedule
     src = consolidate(locate_checkpoint(src_dir, SAVE_AT), with_optimizer=True)
     new_ref = locate_checkpoint(out)
-    assert new_ref.meta["layout"] == {"tp": tp, "pp": pp, "dp": dp, "zero_stage": zero, "world_size": tp * pp * dp}
+    assert new_ref.meta["layout"] == {"universal": ["weight", "exp_avg", "exp_avg_sq"], "tp": tp, "pp": pp, "dp": dp,
+                                      "zero_stage": zero, "world_size": tp * pp * dp}
     assert new_ref.step == SAVE_AT and new_ref.meta["consumed_samples"] == src.ref.meta["consumed_samples"]
     new = consolidate(new_ref, with_optimizer=True)
     for name, w in src.weights.items():
@@ -105,26 +109,67 @@ def _reshard_on_rank(argv: list[str]) -> int:
     return main(argv)
 
 
-def test_reshard_as_the_launched_target_world(rank_pool, source, tmp_path):
-    """Started as the target's ranks (torchrun/srun), each rank writes its own part: no local spawn, and
-    the files hold exactly the source's weights and moments. A launch of the wrong size is refused."""
+@pytest.fixture(scope="module")
+def launched(rank_pool, source, tmp_path_factory):
+    """The source resharded by a launched world of 2 (torchrun/srun): rank 0 writes, rank 1 waits."""
+    src_dir, _ = source
+    out = str(tmp_path_factory.mktemp("launched") / "run")
+    # --dp omitted: the launched world (2) over tp x pp = 1 says dp = 2
+    assert rank_pool(2).run(_reshard_on_rank, ["--checkpoint", src_dir, "--step", str(SAVE_AT), "--output", out,
+                                               "--tp", "1", "--pp", "1", "--zero-stage", "3"], timeout=600) == [0, 0]
+    return out
+
+
+def test_reshard_as_a_launched_world(source, launched):
     from megalm.export.checkpoint_files import locate_checkpoint
     from megalm.export.consolidate import consolidate
 
     src_dir, _ = source
-    out = str(tmp_path / "launched")
-    # --dp omitted: the launched world (2) over tp x pp = 1 says dp = 2
-    assert rank_pool(2).run(_reshard_on_rank, ["--checkpoint", src_dir, "--step", str(SAVE_AT), "--output", out,
-                                               "--tp", "1", "--pp", "1", "--zero-stage", "3"], timeout=600) == [0, 0]
-    new_ref = locate_checkpoint(out)
-    assert new_ref.meta["layout"] == {"tp": 1, "pp": 1, "dp": 2, "zero_stage": 3, "world_size": 2}
+    new_ref = locate_checkpoint(launched)
+    assert new_ref.meta["layout"] == {"universal": ["weight", "exp_avg", "exp_avg_sq"], "tp": 1, "pp": 1, "dp": 2,
+                                      "zero_stage": 3, "world_size": 2}
     src = consolidate(locate_checkpoint(src_dir, SAVE_AT), with_optimizer=True)
     new = consolidate(new_ref, with_optimizer=True)
     for name, w in src.weights.items():
         assert torch.equal(new.weights[name], w), name
         assert all(torch.equal(new.moments[name][k], src.moments[name][k]) for k in ("exp_avg", "exp_avg_sq"))
-    assert os.path.isfile(os.path.join(out, "config.yaml"))
+    assert os.path.isfile(os.path.join(launched, "config.yaml"))
 
-    codes = rank_pool(2).run(_reshard_on_rank, ["--checkpoint", src_dir, "--output", str(tmp_path / "wrong"),
-                                                "--tp", "1", "--pp", "1", "--dp", "4"], timeout=300)
-    assert codes == [2, 2]
+
+def test_universal_step_resumes_at_another_layout_than_it_was_made_for(rank_pool, source, launched, tmp_path):
+    """Made for (1,1,2,3), resumed at (1,2,2,1) by overriding the layout: the curve still continues."""
+    import shutil
+
+    _, src_losses = source
+    run = str(tmp_path / "run")
+    shutil.copytree(launched, run)
+    overrides = ["parallel.pp=2", "parallel.zero_stage=1", f"train.run_dir={run}"]
+    assert rank_pool(4).run(train_on_rank, overrides, "auto", os.path.join(run, "config.yaml"),
+                            timeout=600) == [0] * 4
+    resumed = read_losses(run)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, STEPS + 1)), resumed
+    for step in resumed:
+        assert abs(resumed[step] - src_losses[step]) <= RTOL * abs(src_losses[step]), (step, resumed[step])
+
+
+def test_truncated_universal_file_is_named_before_loading(launched, tmp_path):
+    import shutil
+
+    from megalm.export.checkpoint_files import locate_checkpoint
+
+    run = str(tmp_path / "run")
+    shutil.copytree(launched, run)
+    victim = locate_checkpoint(run).file("universal_exp_avg.safetensors")
+    with open(victim, "r+b") as f:
+        f.truncate(os.path.getsize(victim) - 100)
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = run_command([sys.executable, "-m", "megalm.train", "--config", os.path.join(run, "config.yaml"),
+                          "--resume", "auto", f"train.run_dir={run}"], timeout=300, env=env)
+    assert result.returncode == 2, result.output
+    assert "universal_exp_avg.safetensors" in result.output and "truncated" in result.output, result.output
+    assert "Traceback" not in result.output
+    verify = run_command([sys.executable, "-m", "launcher", "ckpt", "verify", "--run-dir", run], timeout=120)
+    assert verify.returncode != 0 and "universal_exp_avg.safetensors: truncated" in verify.output, verify.output
+    intact = run_command([sys.executable, "-m", "launcher", "ckpt", "verify", "--run-dir", launched], timeout=120)
+    assert intact.returncode == 0, intact.output

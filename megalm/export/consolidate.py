@@ -26,7 +26,8 @@ from typing import Optional
 
 import torch
 
-from megalm.ckpt_files import layer_states_name, model_states_name, optim_states_name
+from megalm.ckpt_files import (UNIVERSAL_STATE_FILE, layer_states_name, model_states_name, optim_states_name,
+                               universal_kinds, universal_tensor_file)
 from megalm.config import ConfigError, from_dict
 from megalm.config.model import ModelConfig
 from megalm.config.train import TrainConfig
@@ -182,5 +183,25 @@ class _Reader:
 
 def consolidate(ref: CheckpointRef, with_optimizer: bool = False) -> FullState:
     """Full weights of the checkpoint `ref` (fp32 master weights and Adam moments too when
-    `with_optimizer`), whatever its (tp, pp, dp, ZeRO) layout."""
+    `with_optimizer`), whatever its (tp, pp, dp, ZeRO) layout, or a universal step's."""
+    kinds = universal_kinds(ref.meta.get("layout"))
+    if kinds:
+        return _read_universal(ref, kinds, with_optimizer)
     return _Reader(ref, with_optimizer).read()
+
+
+def _read_universal(ref: CheckpointRef, kinds: tuple[str, ...], with_optimizer: bool) -> FullState:
+    """A universal step (megalm.export.universal) read whole: its files already hold full tensors."""
+    from safetensors.torch import load_file
+
+    cfg = model_config_of(ref.meta, ref.meta_path)
+    if with_optimizer and not set(MOMENTS) <= set(kinds):
+        raise CheckpointError(f"{ref.path}: this universal step holds no Adam moments (--weights-only)")
+    tensors = {k: load_file(ref.file(universal_tensor_file(k))) for k in kinds if k == "weight" or with_optimizer}
+    weights = tensors["weight"]
+    check_full_weights(weights, cfg, ref.path)
+    moments = {n: {m: tensors[m][n] for m in MOMENTS} for n in weights} if with_optimizer else None
+    state = load_pt(ref.file(UNIVERSAL_STATE_FILE))
+    return FullState(cfg=cfg, weights=weights, ref=ref, moments=moments,
+                     adam_step=state["adam_step"] if with_optimizer else None,
+                     engine_state=dict(state["engine_state"]))

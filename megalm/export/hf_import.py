@@ -6,7 +6,7 @@
 DIR holds config.json, model.safetensors (or model-*.safetensors + model.safetensors.index.json) and,
 usually, tokenizer.json. RUN_DIR gets config.yaml (a valid run config at that layout), the tokenizer
 (its data.tokenizer) and checkpoints/step_00000000, written by training's own checkpoint code
-(`megalm.export.reshard.save_with_workers`: T*P*D local gloo ranks build the layout's engine, load the
+(`megalm.export.engine_writer.save_with_workers`: T*P*D local gloo ranks build the layout's engine, load the
 weights and save), so `train.init_from`, `--resume auto`, megalm-eval, -generate and -export read it
 like any checkpoint. The same converter (`model_config_from_hf`, `read_hf_weights`) is what
 `train.init_from: HF_DIR` reads through.
@@ -291,7 +291,7 @@ def _copy_tokenizer(hf_dir: str, output: str, vocab_size: int) -> Optional[str]:
 def import_hf(hf_dir: str, output: str, tp: int = 1, pp: int = 1, dp: int = 1, zero_stage: int = 0,
               data: Optional[list[str]] = None, seq_len: Optional[int] = None) -> str:
     """Import one HF directory; spawns tp*pp*dp local ranks. Returns the step-0 checkpoint directory."""
-    from .reshard import save_with_workers
+    from .engine_writer import save_with_workers
 
     hf_dir = os.path.abspath(hf_dir)
     model = model_config_from_hf(read_hf_config(hf_dir), hf_config_path(hf_dir))

@@ -58,8 +58,8 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[Tens
     return shards
 
 
-def shard_file_names(count: int) -> list[str]:
-    return [SINGLE_FILE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+def shard_file_names(count: int, single: str = SINGLE_FILE) -> list[str]:
+    return [single] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> bytes:
@@ -83,12 +83,12 @@ def _write_tensor(f: BinaryIO, spec: TensorSpec, name: str, tensor: torch.Tensor
 
 
 def write_safetensors_stream(out_dir: str, specs: list[TensorSpec], tensors: Iterable[tuple[str, torch.Tensor]],
-                             max_shard_bytes: int) -> list[str]:
+                             max_shard_bytes: int, single_file: str = SINGLE_FILE) -> list[str]:
     """Write `tensors` ((name, tensor) in the order of `specs`, each matching its spec) into `out_dir` as
-    one model.safetensors, or shards + index when they pass `max_shard_bytes`. Each tensor is written
+    one `single_file`, or shards + index when they pass `max_shard_bytes`. Each tensor is written
     and released before the next is drawn from the iterator. Returns the file names written."""
     shards = plan_shards(specs, max_shard_bytes)
-    names = shard_file_names(len(shards))
+    names = shard_file_names(len(shards), single_file)
     stream: Iterator[tuple[str, torch.Tensor]] = iter(tensors)
     for fname, shard in zip(names, shards):
         with open(os.path.join(out_dir, fname), "wb") as f:

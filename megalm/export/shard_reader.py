@@ -18,18 +18,21 @@ documents):
                      parameter order from zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt 'param_shapes'
     pp>1             layer_{i:02d}-model_{t:02d}-model_states.pt[local name], i = the pipeline layer
                      (`pipeline_layer_of`; a tied head is the embedding, under layer 0)
+    universal        universal_{kind}.safetensors[GPTModel name], full fp32 (megalm-reshard's output)
 
 Weights come from the same entries `consolidate(ref)` (weights only) reads, so a model filled from here
 equals one loaded from consolidated weights bit for bit. Any later reader (streaming export) can use it.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from megalm.ckpt_files import layer_states_name, model_states_name, optim_states_name
+from megalm.ckpt_files import (UNIVERSAL_STATE_FILE, layer_states_name, model_states_name, optim_states_name,
+                               safetensors_problem, universal_kinds, universal_tensor_file)
 from megalm.config.model import ModelConfig
 from megalm.model.pipeline import gpt_parameter_names, pipeline_to_gpt_name
 from megalm.rundir import META_FILE
@@ -68,16 +71,21 @@ class ShardReader:
 
     def __init__(self, ref: CheckpointRef, with_optimizer: bool = False):
         self.ref = ref
-        self.tp, self.pp, self.dp, self.zero = ref.layout()
+        # A universal step (megalm-reshard's) stores full tensors: read like a one-rank layout.
+        self.universal = universal_kinds(ref.meta.get("layout"))
+        self.tp, self.pp, self.dp, self.zero = (1, 1, 1, 0) if self.universal else ref.layout()
         self.cfg: ModelConfig = model_config_of(ref.meta, ref.meta_path)
         self.shapes = expected_shapes(self.cfg)
         self.with_optimizer = with_optimizer
+        if with_optimizer and self.universal and not set(MOMENTS) <= set(self.universal):
+            raise CheckpointError(f"{ref.path}: this universal step was written with --weights-only and holds no "
+                                  f"Adam moments; use --weights-only here too")
         if with_optimizer and self.pp > 1 and self.zero != 1:
             raise CheckpointError(f"{ref.path}: optimizer state of pipeline checkpoints without ZeRO-1 (pp={self.pp}, "
                                   f"zero_stage {self.zero}) cannot be read; use --weights-only, or train the source "
                                   f"run with zero_stage 1")
         # The optimizer's grouping (ZeRO-0) depends on the train section: parsed up front so a bad config fails first.
-        self._train_cfg = ref.run_config().train if with_optimizer and self.zero == 0 else None
+        self._train_cfg = ref.run_config().train if with_optimizer and self.zero == 0 and not self.universal else None
         self._files: dict[str, Any] = {}  # path -> mmap'd torch.load result
         self._partitions: dict[int, ZeroPartitions] = {}  # model-parallel rank -> its ZeRO partitions
         self._torch_moments: dict[int, Merged] = {}  # ZeRO-0, pp=1: source TP rank -> its moments (mmap views)
@@ -178,7 +186,11 @@ class ShardReader:
         kinds = kinds or self.kinds
         if not set(kinds) <= set(self.kinds):
             raise ValueError(f"{kinds}: this reader reads {self.kinds} (make it with_optimizer for the moments)")
-        pieces, files = zip(*(self._pieces(name, t, kinds) for t in range(self.tp)))
+        if self.universal:
+            pieces = tuple({k: self._universal_file(k).get_tensor(name) for k in kinds} for _ in (0,))
+            files = (self.ref.file(universal_tensor_file(kinds[0])),)
+        else:
+            pieces, files = zip(*(self._pieces(name, t, kinds) for t in range(self.tp)))
         out = {}
         for kind in kinds:
             full = merge_tp(name, [p[kind] for p in pieces], self.cfg)
@@ -197,8 +209,26 @@ class ShardReader:
         """TP rank `rank` of `tp`'s slice of `name` (vocabulary padded for `tp`), as a new tensor."""
         return shard_for_tp(name, self.full(name), self.cfg, tp, rank)
 
+    def _universal_file(self, kind: str) -> Any:
+        """A universal step's safetensors file of `kind`, memory-mapped (safe_open) until `close()`."""
+        from safetensors import safe_open
+
+        path = self.ref.file(universal_tensor_file(kind))
+        if path not in self._files:
+            problem = safetensors_problem(path) if os.path.isfile(path) else "missing"
+            if problem:
+                raise CheckpointError(f"{path}: cannot read this universal checkpoint file: {problem}; reshard "
+                                      f"the source again, or restore the file from a copy")
+            self._files[path] = safe_open(path, framework="pt")
+        return self._files[path]
+
+    def _universal_state(self) -> dict:
+        return load_pt(self.ref.file(UNIVERSAL_STATE_FILE))
+
     def adam_step(self) -> float:
         """The optimizer's step count (bias correction), from the first optimizer file (with_optimizer)."""
+        if self.universal:
+            return float(self._universal_state().get("adam_step") or 0.0)
         if self._adam_step is None:
             if self.zero > 0:
                 self._zero(0)  # reads the step from the partitions' state, no tensor
@@ -209,6 +239,8 @@ class ShardReader:
 
     def engine_state(self) -> dict:
         """DeepSpeed's engine counters and the LR scheduler's state, from model-parallel rank 0's file."""
+        if self.universal:
+            return dict(self._universal_state()["engine_state"])
         ms = load_pt(self.ref.file(model_states_name(0, self.zero)), mmap=True)
         return {k: ms.get(k) for k in ENGINE_STATE_KEYS}
 

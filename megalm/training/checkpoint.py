@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 # Every name and rule of the run directory lives in megalm/rundir.py (shared with the torch-free
 # launcher); re-exported here for the trainer's callers.
-from megalm.ckpt_files import first_problem
+from megalm.ckpt_files import first_problem, universal_kinds
 from megalm.parallel.device import broadcast_object, gather_objects
 from megalm.rundir import (CheckpointError, checkpoint_root, complete_steps, meta_file, parse_tag, prune,
                            publish_checkpoint, read_latest, read_meta, remove_stale_tmp, rng_file, tag_for, tmp_tag_for)
@@ -71,19 +71,28 @@ def save_checkpoint(engine: Any, run_dir: str, state: TrainState, meta: dict, ke
     failure = None
     if rank == 0:
         try:
-            full_meta = dict(meta, format_version=FORMAT_VERSION, step=state.step,
-                             consumed_samples=state.consumed_samples, skipped_steps=state.skipped_steps,
-                             saved_at=time.time())
-            with open(meta_file(tmp_dir), "w") as f:
-                json.dump(full_meta, f, indent=2, sort_keys=True)
-            _fsync_tree(tmp_dir)
-            publish_checkpoint(root, state.step)
-            prune(root, keep_last, protect=(tag_for(state.step),))
+            publish_step(root, state, meta, keep_last)
         except OSError as e:
             failure = e
     published = [broadcast_object(_save_failure(failure, root, state.step), src=0)]  # also the closing barrier
     _raise_first(published, failure, root, tmp_dir)
     return final
+
+
+def publish_step(root: str, state: TrainState, meta: dict, keep_last: int) -> str:
+    """Steps 3 of the save protocol, in one process: `step_N.tmp` under `root` holds every file of the
+    step; write its megalm.json (`meta` plus the step's counters), fsync, rename it to `step_N`, point
+    `latest` at it and prune to `keep_last`. Returns the step directory. (megalm-reshard's universal
+    steps are published through here too.)"""
+    tmp_dir = os.path.join(root, tmp_tag_for(state.step))
+    full_meta = dict(meta, format_version=FORMAT_VERSION, step=state.step, consumed_samples=state.consumed_samples,
+                     skipped_steps=state.skipped_steps, saved_at=time.time())
+    with open(meta_file(tmp_dir), "w") as f:
+        json.dump(full_meta, f, indent=2, sort_keys=True)
+    _fsync_tree(tmp_dir)
+    publish_checkpoint(root, state.step)
+    prune(root, keep_last, protect=(tag_for(state.step),))
+    return os.path.join(root, tag_for(state.step))
 
 
 def _disk_full(e: BaseException, root: str) -> bool:
@@ -141,7 +150,10 @@ def check_compatible(meta: dict, expected: dict, where: str, elastic: bool = Fal
     """Refuse to load a checkpoint saved with another model or layout (`elastic`: the data-parallel size
     may differ, megalm/training/elastic.py; anything else needs `megalm-reshard`)."""
     problems = []
-    for key in ("tp", "pp", "zero_stage") + (() if elastic else ("dp",)):
+    layout_keys = ("tp", "pp", "zero_stage") + (() if elastic else ("dp",))
+    if universal_kinds(meta["layout"]):  # megalm-reshard's layout-free step: any layout loads it (elastic.py)
+        layout_keys = () if elastic else ("universal",)
+    for key in layout_keys:
         if meta["layout"].get(key) != expected["layout"].get(key):
             problems.append(f"{key}: checkpoint {meta['layout'].get(key)} vs this run {expected['layout'].get(key)}")
     for key, value in expected["model"].items():
@@ -156,8 +168,8 @@ def check_compatible(meta: dict, expected: dict, where: str, elastic: bool = Fal
 def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta: dict,
                     load_at_new_dp: Optional[Callable[[str, dict], None]] = None) -> Optional[TrainState]:
     """Collective. Loads `tag` (or `latest` when None); returns None when there is nothing to resume.
-    `load_at_new_dp(step_dir, saved_layout)`: how to load a step saved at another data-parallel size
-    (megalm/training/elastic.py); without it such a step is refused."""
+    `load_at_new_dp(step_dir, saved_layout)`: how to load a step saved at another data-parallel size, or a
+    universal (layout-free) step (megalm/training/elastic.py); without it such a step is refused."""
     root = checkpoint_root(run_dir)
     if tag is None:
         tag = read_latest(root)
@@ -165,7 +177,8 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
             return None
     meta = read_meta(root, tag)
     check_compatible(meta, expected_meta, os.path.join(root, tag), elastic=load_at_new_dp is not None)
-    dp_changed = meta["layout"].get("dp") != expected_meta["layout"].get("dp")
+    universal = bool(universal_kinds(meta["layout"]))
+    dp_changed = universal or meta["layout"].get("dp") != expected_meta["layout"].get("dp")
     # Rank 0 checks every .pt of the step and all ranks raise the same error: a truncated file seen by
     # one rank only (its optimizer shard) would otherwise leave its peers waiting in a collective.
     problem = [broadcast_object(first_problem(os.path.join(root, tag), meta["layout"], quick=True)
@@ -173,7 +186,7 @@ def load_checkpoint(engine: Any, run_dir: str, tag: Optional[str], expected_meta
     if problem[0] is not None:
         raise unreadable_checkpoint(root, tag, *problem[0])
     try:
-        if dp_changed and load_at_new_dp is not None and int(meta["layout"].get("zero_stage", 0)) > 0:
+        if dp_changed and load_at_new_dp is not None and (universal or int(meta["layout"].get("zero_stage", 0)) > 0):
             load_at_new_dp(os.path.join(root, tag), meta["layout"])
             load_path = root
         else:  # the saved layout, or ZeRO-0 (nothing is partitioned over DP: DeepSpeed reads it at any dp)

@@ -29,11 +29,12 @@ from typing import Any
 import torch.distributed as dist
 
 from megalm import rundir
-from megalm.ckpt_files import model_states_name, optim_states_name
-from megalm.export.checkpoint_files import load_pt
+from megalm.ckpt_files import model_states_name, optim_states_name, universal_kinds
+from megalm.export.checkpoint_files import load_pt, locate_checkpoint
 from megalm.export.consolidate import ENGINE_STATE_KEYS
-from megalm.export.engine_state import apply_local_state
-from megalm.export.zero_merge import ZeroPartitions
+from megalm.export.engine_state import apply_checkpoint, apply_local_state
+from megalm.export.shard_reader import ShardReader
+from megalm.export.zero_merge import MOMENTS, ZeroPartitions
 
 from .engine import Engine
 
@@ -41,6 +42,9 @@ from .engine import Engine
 def load_at_new_dp(engine: Engine, ckpt_dir: str, old_layout: dict) -> None:
     """Collective (ZeRO >= 1): load the step in `ckpt_dir`, saved at data-parallel size old_layout["dp"],
     into `engine`, whose tp, pp and ZeRO stage are the checkpoint's."""
+    if universal_kinds(old_layout):
+        load_universal(engine, ckpt_dir, old_layout)
+        return
     grid, ds = engine.grid, engine.ds
     zero, old_dp = int(old_layout["zero_stage"]), int(old_layout["dp"])
     mp = grid.pp_rank * grid.tp + grid.tp_rank  # DeepSpeed's mp_rank: the grid's order (decision 1)
@@ -51,6 +55,15 @@ def load_at_new_dp(engine: Engine, ckpt_dir: str, old_layout: dict) -> None:
     engine_state = {k: model_states.get(k) for k in ENGINE_STATE_KEYS}
     apply_local_state(engine, parts.tensors, parts.step, engine_state)
     _restore_loss_scale(ds, parts.global_state)
+
+
+def load_universal(engine: Engine, ckpt_dir: str, layout: dict) -> None:
+    """Collective: load a universal (layout-free) step, as megalm-reshard writes it, into `engine` at
+    whatever layout it was built: each rank reads every parameter's full tensors one at a time from the
+    step's safetensors files and keeps its own slice (`apply_checkpoint`, the reshard loader). A step
+    written with --weights-only holds no moments: Adam then starts fresh, the LR schedule continues."""
+    reader = ShardReader(locate_checkpoint(ckpt_dir), with_optimizer=set(MOMENTS) <= set(universal_kinds(layout)))
+    apply_checkpoint(engine, reader)
 
 
 def _restore_loss_scale(ds: Any, global_state: dict) -> None:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import yaml
 
 from megalm import rundir
+from megalm.ckpt_files import universal_kinds
 from megalm.config.run import RunConfig
 from megalm.data import build_datasets, micro_batches_for_step
 from megalm.model.flops import flops_per_token
@@ -137,6 +138,9 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
         resume_rules.override_schedule(engine.ds, t)  # the schedule is the current config's
         if rank == 0:
             print(f"resumed from step {state.step} ({state.consumed_samples} samples consumed)", flush=True)
+            if universal_kinds(point.meta.get("layout")):
+                print(f"loaded megalm-reshard's universal step into (tp, pp, dp, zero) = ({grid.tp}, {grid.pp}, "
+                      f"{grid.dp}, {cfg.parallel.zero_stage}); the next save is this layout's", flush=True)
         if elastic_change is not None:
             elastic.record_elastic_resume(t.run_dir, state.step, elastic_change.old, elastic_change.new,
                                           elastic_change.old_accumulation, elastic_change.new_accumulation)

@@ -8,7 +8,7 @@ resumes): the data blend (paths, weights — Megatron allows it too) and the glo
 consumed_samples continues and the sample index is rebuilt for the new blend. The schedule fields are
 recorded as well, since a new LR changes the run's history as much.
 Layout (`check_layout`, before any process group): tp, pp and the ZeRO stage must be the checkpoint's
-(another one needs `megalm-reshard`); the data-parallel size may change (an elastic restart on fewer or
+(another one needs `megalm-reshard`, whose layout-free step any layout resumes); the data-parallel size may change (an elastic restart on fewer or
 more nodes, megalm/training/elastic.py) when the global batch still splits over it: the gradient
 accumulation changes instead, so every step still consumes the same samples.
 LR schedule: always the current config's (Megatron's `--override-opt_param-scheduler`): lr, min_lr,
@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megalm.ckpt_files import universal_kinds
 from megalm.config.run import RunConfig
 from megalm.config.train import TrainConfig
 from megalm.rundir import CheckpointError, checkpoint_root, meta_file, read_latest, read_meta
@@ -86,7 +87,9 @@ def check_layout(point: ResumePoint, cfg: RunConfig, world_size: int) -> Optiona
     where = meta_file(point.tag)
     p = cfg.parallel
     new_fixed = {"tp": p.tp, "pp": p.pp, "zero_stage": p.zero_stage}
-    differ = [f"{k}: checkpoint {old.get(k)} vs this run {v}" for k, v in new_fixed.items() if old.get(k) != v]
+    universal = bool(universal_kinds(old))  # megalm-reshard's layout-free step: any layout may resume it
+    differ = [f"{k}: checkpoint {old.get(k)} vs this run {v}" for k, v in new_fixed.items()
+              if old.get(k) != v and not universal]
     if differ:
         raise CheckpointError(
             f"cannot resume {where} with another model-parallel layout ({'; '.join(differ)}): a resume may change "
@@ -104,7 +107,7 @@ def check_layout(point: ResumePoint, cfg: RunConfig, world_size: int) -> Optiona
             f"micro_batch_size {t.micro_batch_size} x dp x gradient accumulation, with dp = world size / (tp*pp "
             f"= {model_parallel}). World sizes that keep the global batch: {allowed}; or change "
             f"train.global_batch_size (recorded as a batch change) or train.micro_batch_size")
-    if int(old.get("dp", dp)) == dp:
+    if universal or int(old.get("dp", dp)) == dp:
         return None
     old_dp = int(old["dp"])
     new = {"tp": p.tp, "pp": p.pp, "dp": dp, "zero_stage": p.zero_stage, "world_size": world_size}
