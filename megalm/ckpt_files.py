@@ -27,6 +27,13 @@ def model_states_name(mp_rank: int, zero_stage: int, dp_rank: int = 0) -> str:
     return f"mp_rank_{mp_rank:02d}_model_states.pt"
 
 
+def stage_engine_layout(pp: int, zero_stage: int) -> bool:
+    """True where each pipeline stage trains as its own DeepSpeedEngine (pp > 1 with ZeRO-2/3:
+    megalm.training.stage_engine) instead of in DeepSpeed's PipelineEngine (pp > 1, ZeRO 0/1). Such a
+    step holds pp=1's files once per model-parallel rank, with PipelineModule names under `pipe.`."""
+    return pp > 1 and zero_stage >= 2
+
+
 def layer_states_name(layer_index: int, tp_rank: int) -> str:
     """DeepSpeed's file of one pipeline layer's state dict at one TP rank (pp>1 checkpoints)."""
     return f"layer_{layer_index:02d}-model_{tp_rank:02d}-model_states.pt"
@@ -58,14 +65,14 @@ def universal_kinds(layout: Optional[dict]) -> tuple[str, ...]:
 def expected_rank_files(layout: dict) -> list[str]:
     """File names (relative to the step directory) that must exist for a layout (megalm.json's
     `layout`): one rng file per rank, and DeepSpeed's model-state files (one per data-parallel rank ×
-    TP rank under ZeRO-3 at pp=1, else one per pipeline stage × TP rank)."""
+    model-parallel rank under ZeRO-3, else one per model-parallel rank = pipeline stage × TP rank)."""
     if universal_kinds(layout):
         return [universal_tensor_file(k) for k in universal_kinds(layout)] + [UNIVERSAL_STATE_FILE]
     tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
     zero, world = int(layout.get("zero_stage", 0)), int(layout["world_size"])
     exact = [rundir.rng_relpath(r) for r in range(world)]
-    if pp == 1 and zero >= 3:
-        exact += [model_states_name(t, zero, d) for d in range(dp) for t in range(tp)]
+    if zero >= 3:
+        exact += [model_states_name(m, zero, d) for d in range(dp) for m in range(tp * pp)]
     else:
         exact += [model_states_name(m, 0) for m in range(tp * pp)]
     return exact

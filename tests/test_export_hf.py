@@ -28,9 +28,11 @@ def tokenizer_path(tmp_path_factory):
 
 
 # (name, parallel overrides, tied): untied from a TP=2 checkpoint, tied from a PP=2 pipeline checkpoint,
-# untied from ZeRO-3 over dp=2 (the weights exist only as partitions)
+# untied from ZeRO-3 over dp=2 (the weights exist only as partitions), tied from ZeRO-3 x PP=2 (one
+# engine per stage, each holding a copy of the tied embedding)
 RUNS = [("untied-tp2", ["parallel.tp=2"], False), ("tied-pp2", ["parallel.pp=2", "parallel.zero_stage=1"], True),
-        ("untied-z3-dp2", ["parallel.zero_stage=3"], False)]
+        ("untied-z3-dp2", ["parallel.zero_stage=3"], False),
+        ("tied-z3-pp2", ["parallel.pp=2", "parallel.zero_stage=3"], True)]
 
 
 @pytest.fixture(scope="module")

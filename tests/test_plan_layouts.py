@@ -18,7 +18,7 @@ def test_every_enumerated_layout_obeys_the_rules():
     for L in layouts:
         assert L.gpus == 64 and L.tp <= 8
         assert cfg.num_heads % L.tp == 0 and cfg.kv_heads % L.tp == 0 and cfg.num_layers >= L.pp
-        assert not (L.zero >= 2 and L.pp > 1)
+        assert not (L.zero >= 2 and L.pp > 1)  # valid, but not planned yet (megalm.plan.layouts)
         assert 1024 % (L.micro_batch * L.dp) == 0
     assert {L.tp for L in layouts} == {1, 2, 4, 8}
     assert any(L.checkpointing for L in layouts) and any(not L.checkpointing for L in layouts)
@@ -28,7 +28,11 @@ def test_rules_reject_what_config_validation_rejects():
     cfg = load_model_config("tiny")  # 8 heads, 4 kv heads, 4 layers
     assert "kv heads" in layout_problem(cfg, Layout(8, 1, 1, 0, 1, False), 8)
     assert "layers" in layout_problem(cfg, Layout(1, 8, 1, 0, 1, False), 8)
-    assert "ZeRO stage 2" in layout_problem(cfg, Layout(1, 2, 2, 2, 1, False), 8)
+    # ZeRO-2/3 x PP is a valid layout (issue 11), fp16 under it is not; the planner does not propose it
+    # until its memory and cost models are validated there
+    assert layout_problem(cfg, Layout(1, 2, 2, 3, 1, False), 8) is None
+    assert "fp16 cannot be combined" in layout_problem(cfg, Layout(1, 2, 2, 3, 1, False), 8, precision="fp16")
+    assert not any(L.pp > 1 and L.zero >= 2 for L in enumerate_layouts(cfg, 4, 16))
     assert "divisible" in layout_problem(cfg, Layout(1, 1, 3, 0, 1, False), 8)
     assert "node" in layout_problem(cfg, Layout(16, 1, 1, 0, 1, False), 8, gpus_per_node=8)
     assert layout_problem(cfg, Layout(2, 2, 2, 1, 1, False), 8) is None

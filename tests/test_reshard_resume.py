@@ -33,8 +33,33 @@ def source(rank_pool, tmp_path_factory):
 TARGETS = [(1, 1, 2, 1), (1, 4, 2, 1), (2, 1, 2, 3)]
 
 
+@pytest.fixture(scope="module")
+def zero3_pipeline_source(rank_pool, tmp_path_factory):
+    """Issue 11: a (2, 2, 2, 3) run, one ZeRO-3 engine per pipeline stage."""
+    shard = write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
+    run_dir = str(tmp_path_factory.mktemp("zero3-pipeline"))
+    train_layout_run(rank_pool, (2, 2, 2, 3), shard, run_dir, STEPS, (f"train.save_interval={SAVE_AT}",))
+    return run_dir, read_losses(run_dir)
+
+
 @pytest.mark.parametrize("target", TARGETS, ids=[f"tp{t}-pp{p}-dp{d}-z{z}" for t, p, d, z in TARGETS])
 def test_resume_after_reshard_continues_loss_curve(rank_pool, source, tmp_path, target):
+    _reshard_and_resume(rank_pool, source, tmp_path, target)
+
+
+# From ZeRO-3 x PP to ZeRO-1 x PP, ZeRO-3 without PP, ZeRO-3 at pp=2 and dp=4, and into ZeRO-3 x PP from
+# the (2, 2, 2, 1) source ("and back").
+ZERO3_PIPELINE_TARGETS = [("z3pp", (2, 2, 2, 1)), ("z3pp", (1, 1, 4, 3)), ("z3pp", (1, 2, 4, 3)), ("z1pp", (2, 2, 2, 3))]
+
+
+@pytest.mark.parametrize("origin,target", ZERO3_PIPELINE_TARGETS,
+                         ids=[f"{o}-to-tp{t}-pp{p}-dp{d}-z{z}" for o, (t, p, d, z) in ZERO3_PIPELINE_TARGETS])
+def test_zero3_pipeline_reshard_both_ways_continues_loss_curve(rank_pool, request, tmp_path, origin, target):
+    src = request.getfixturevalue("zero3_pipeline_source" if origin == "z3pp" else "source")
+    _reshard_and_resume(rank_pool, src, tmp_path, target)
+
+
+def _reshard_and_resume(rank_pool, source, tmp_path, target):
     from megalm.export.checkpoint_files import locate_checkpoint
     from megalm.export.consolidate import consolidate
     from megalm.export.reshard import main as reshard
@@ -90,9 +115,9 @@ def test_impossible_or_unsafe_targets_are_refused(source, tmp_path, capsys):
     src_dir, _ = source
     assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "a"), "--tp", "3", "--pp", "1"]) == 2
     assert "model.num_heads: 8 query heads cannot be split over tensor_parallel=3" in capsys.readouterr().err
-    assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "b"), "--tp", "1", "--pp", "2",
+    assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "b"), "--tp", "1", "--pp", "8",
                     "--zero-stage", "3"]) == 2
-    assert "parallel.zero_stage" in capsys.readouterr().err
+    assert "pipeline_parallel=8" in capsys.readouterr().err
     assert reshard(["--checkpoint", src_dir, "--output", str(tmp_path / "d"), "--tp", "1", "--pp", "1"]) == 2
     assert "global_batch_size: 8 is not divisible by micro_batch_size x dp = 2 x 8" in capsys.readouterr().err
     assert reshard(["--checkpoint", src_dir, "--output", src_dir, "--tp", "1", "--pp", "1", "--dp", "2"]) == 2

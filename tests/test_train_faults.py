@@ -60,7 +60,8 @@ def test_nonfinite_steps_in_a_row_stop_the_run(shard, tmp_path):
 
 
 def test_nonfinite_skip_under_zero1_and_pipeline(shard, tmp_path):
-    for layout in (["parallel.zero_stage=1"], ["parallel.pp=2"]):
+    # the last: one ZeRO-3 engine per stage, each deciding from the world-wide overflow check (issue 11)
+    for layout in (["parallel.zero_stage=1"], ["parallel.pp=2"], ["parallel.pp=2", "parallel.zero_stage=3"]):
         run_dir = str(tmp_path / "-".join(layout))
         res = _train(shard, run_dir, *layout, env={"MEGALM_FAULT": "nan@3"}, nproc=2).check()
         rec = _records(run_dir)

@@ -57,7 +57,8 @@ def test_torchrun_launch(shard, tmp_path):
 
 BAD = [
     (["train.global_batch_size=6"], 2, "global_batch_size: 6 is not divisible by micro_batch_size x dp = 2 x 2"),
-    (["parallel.pp=2", "parallel.zero_stage=3"], 1, "DeepSpeed's pipeline engine supports only ZeRO 0 or 1"),
+    (["parallel.pp=2", "parallel.zero_stage=3", "train.precision=fp16"], 2,
+     "train.precision: fp16 cannot be combined with pipeline parallelism (pp=2) under parallel.zero_stage 3"),
     (["parallel.tp=2"], 3, "world size 3 is not divisible by tp*pp = 2*1 = 2"),
     (["data.train_paths=[/nonexistent/shard]"], 1, "data.train_paths[0]: no shard '/nonexistent/shard'"),
     (["parallel.tp=3"], 3, "model.num_heads"),
@@ -65,7 +66,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("overrides,world,message", BAD, ids=["batch", "zero3-pp", "world", "data", "heads", "precision"])
+@pytest.mark.parametrize("overrides,world,message", BAD, ids=["batch", "fp16-zero3-pp", "world", "data", "heads", "precision"])
 def test_bad_config_rejected_before_process_group(shard, tmp_path, overrides, world, message):
     # RANK/WORLD_SIZE as a launcher would set them, but no rendezvous partner exists: reaching
     # init_process_group would hang (and the timeout would fail the test) instead of exiting 2.

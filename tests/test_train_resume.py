@@ -35,17 +35,21 @@ ENV = {"OMP_NUM_THREADS": "1"}
 LAYOUT = ["parallel.pp=2", "parallel.zero_stage=1"]  # a pipeline: its checkpoint has per-layer files
 
 
-PRECISIONS = ["fp32", "bf16"]  # bf16: DeepSpeed's bf16 optimizer state (fp32 master weights) resumes exactly too
+# (ranks, layout, precision). bf16: DeepSpeed's bf16 optimizer state (fp32 master weights) resumes exactly
+# too. (tp, pp, dp, zero) = (2, 2, 2, 3): one ZeRO-3 engine per pipeline stage (issue 11).
+RUNS = [(2, LAYOUT, "fp32"), (2, LAYOUT, "bf16"),
+        (8, ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3"], "fp32")]
 
 
-@pytest.fixture(scope="module", params=PRECISIONS)
+@pytest.fixture(scope="module", params=RUNS, ids=["pp2-z1-fp32", "pp2-z1-bf16", "tp2-pp2-dp2-z3-fp32"])
 def uninterrupted(request, shard, tmp_path_factory):
+    nproc, layout, precision = request.param
+    layout = [*layout, f"train.precision={precision}"]
     run_dir = str(tmp_path_factory.mktemp("full"))
-    run_command(_torchrun(2, run_dir, shard, *LAYOUT, f"train.precision={request.param}"), timeout=400, env=ENV,
-                check=True)
+    run_command(_torchrun(nproc, run_dir, shard, *layout), timeout=400, env=ENV, check=True)
     losses = read_losses(run_dir)
     assert sorted(losses) == list(range(1, STEPS + 1))
-    return request.param, losses
+    return nproc, layout, losses
 
 
 def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: float) -> None:
@@ -61,12 +65,11 @@ def _wait_for_step(run_dir: str, step: int, proc: subprocess.Popen, timeout: flo
 
 
 def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, tmp_path):
-    precision, uninterrupted = uninterrupted
-    layout = [*LAYOUT, f"train.precision={precision}"]
+    nproc, layout, uninterrupted = uninterrupted
     run_dir = str(tmp_path / "killed")
     # The tiny run is faster than any polling: a drill parks rank 0 after step 12 (past the step-10
     # checkpoint, before step 15's) so the SIGKILL lands between checkpoints every time.
-    proc = subprocess.Popen(_torchrun(2, run_dir, shard, *layout), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_torchrun(nproc, run_dir, shard, *layout), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True, env={**os.environ, **ENV, "MEGALM_FAULT": "hang@12:0"})
     _wait_for_step(run_dir, 12, proc, timeout=300)
     signal_tree(proc.pid, signal.SIGKILL)
@@ -75,7 +78,7 @@ def test_sigkill_between_checkpoints_then_resume_is_exact(shard, uninterrupted, 
     killed_at = max(read_losses(run_dir))
     assert read_latest(root) is not None and complete_steps(root)[-1] < killed_at
     resumed_from = complete_steps(root)[-1]
-    out = run_command(_torchrun(2, run_dir, shard, *layout, resume=True), timeout=400, env=ENV, check=True).output
+    out = run_command(_torchrun(nproc, run_dir, shard, *layout, resume=True), timeout=400, env=ENV, check=True).output
     assert f"resumed from step {resumed_from}" in out
     losses = read_losses(run_dir)  # steps after the checkpoint are the resumed run's (logged last)
     assert [losses[s] for s in range(1, STEPS + 1)] == [uninterrupted[s] for s in range(1, STEPS + 1)]

@@ -20,11 +20,6 @@ class ParallelConfig:
         where = where or "parallel"
         require(self.tp >= 1, where, "tp", f"must be >= 1, got {self.tp}")
         require(self.pp >= 1, where, "pp", f"must be >= 1, got {self.pp}")
-        if self.pp > 1 and self.zero_stage >= 2:
-            raise ConfigError(
-                f"{where}.zero_stage: ZeRO stage {self.zero_stage} cannot be combined with pipeline parallelism "
-                f"(pp={self.pp}): DeepSpeed's pipeline engine supports only ZeRO 0 or 1. Use zero_stage 0/1 with "
-                f"pp>1, or pp=1 with ZeRO 2/3.")
 
     def data_parallel_size(self, world_size: int, where: str = "parallel") -> int:
         """DP size for this world size; an error naming the numbers when tp*pp does not divide it."""

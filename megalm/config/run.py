@@ -23,8 +23,15 @@ from .parallel import ParallelConfig
 from .train import TrainConfig
 
 
-def check_precision(precision: str, zero_stage: int) -> None:
-    """The precision x ZeRO rule, shared by the config loader and the planner."""
+def check_precision(precision: str, zero_stage: int, pp: int = 1) -> None:
+    """The precision x ZeRO (x PP) rule, shared by the config loader and the planner."""
+    if precision == "fp16" and pp > 1 and zero_stage >= 2:
+        # One engine per stage (megalm.training.stage_engine), each with its own dynamic loss scale: the
+        # output gradient a stage receives is already scaled by the next stage's, and its engine would
+        # scale it again.
+        raise ConfigError(f"train.precision: fp16 cannot be combined with pipeline parallelism (pp={pp}) "
+                          f"under parallel.zero_stage {zero_stage} (each stage's engine keeps its own loss "
+                          f"scale); use bf16, or zero_stage 1")
     if precision == "bf16" and zero_stage == 0:
         # DeepSpeed 0.19.8 keeps fp32 master weights and fp32 gradient accumulation for bf16 only in
         # its ZeRO-1 BF16 optimizer; at ZeRO-0 it refuses that mix (NotImplementedError at start-up)
@@ -46,7 +53,7 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len "
                               f"{self.model.max_seq_len}; lower seq_len or raise max_seq_len")
-        check_precision(self.train.precision, self.parallel.zero_stage)
+        check_precision(self.train.precision, self.parallel.zero_stage, self.parallel.pp)
 
     def check_launch(self, world_size: int) -> int:
         """Everything that depends on the number of processes, checked before any process group starts.

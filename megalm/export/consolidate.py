@@ -11,6 +11,8 @@ DeepSpeed's on-disk layouts, by training layout (file names inside RUN_DIR/check
                      embedding once, under layer 0); mp_rank_{m:02d}_model_states.pt and
                      zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt per model-parallel rank
                      m = pp_rank * tp + tp_rank (the grid's order, DESIGN decision 1)
+    pp>1, ZeRO 2/3   one DeepSpeedEngine per stage (megalm.training.stage_engine): pp=1's files per
+                     model-parallel rank m, PipelineModule names under "pipe."
 
 Pipeline names ("3.attention.qkv.weight", "tied_modules.embed.weight") become GPTModel names through
 `megalm.model.pipeline.pipeline_to_gpt_name`; a ZeRO-0 optimizer's index-keyed state is split into
@@ -27,7 +29,7 @@ from typing import Optional
 import torch
 
 from megalm.ckpt_files import (UNIVERSAL_STATE_FILE, layer_states_name, model_states_name, optim_states_name,
-                               universal_kinds, universal_tensor_file)
+                               stage_engine_layout, universal_kinds, universal_tensor_file)
 from megalm.config import ConfigError, from_dict
 from megalm.config.model import ModelConfig
 from megalm.config.train import TrainConfig
@@ -106,26 +108,27 @@ class _Reader:
         if not self.engine_state:
             self.engine_state = {k: ms.get(k) for k in ENGINE_STATE_KEYS}
 
-    # ---- pp = 1 ----
-    def read_pp1(self, t: int) -> None:
-        path = self.ref.file(self.model_states_name(t))
+    # ---- one engine per model-parallel rank: pp = 1, or pp > 1 with ZeRO-2/3 (one per stage) ----
+    def read_engine_files(self, t: int, mp: int) -> None:
+        path = self.ref.file(self.model_states_name(mp))
         ms = load_pt(path)
         self.read_engine_state(ms)
-        same = lambda n: n  # noqa: E731 - GPTModel names already
+        # GPTModel names already at pp=1; a stage engine's are PipelineModule names under `pipe.`
+        rename = (lambda n: n) if self.pp == 1 else (lambda n: pipeline_to_gpt_name(n, self.cfg))
         if self.zero == 3:  # weights exist only as fp32 partitions
             kinds = ("weight",) + (MOMENTS if self.with_optimizer else ())
-            merged, step = merge_zero(self.optim_files(t), ms["param_shapes"], (3,), kinds)
-            self.put_merged(t, merged, step, path, same)
+            merged, step = merge_zero(self.optim_files(mp), ms["param_shapes"], (3,), kinds)
+            self.put_merged(t, merged, step, path, rename)
             return
         if self.with_optimizer and self.zero in (1, 2):  # fp32 master weights first: exact even under bf16
-            merged, step = merge_zero(self.optim_files(t), ms["param_shapes"], (1, 2))
-            self.put_merged(t, merged, step, path, same)
+            merged, step = merge_zero(self.optim_files(mp), ms["param_shapes"], (1, 2))
+            self.put_merged(t, merged, step, path, rename)
         module = ms.get("module")
         if not isinstance(module, dict):
-            raise CheckpointError(f"{path}: no 'module' state dict; {META_FILE} says pp=1 ZeRO-{self.zero}, "
-                                  f"which does not match the files")
+            raise CheckpointError(f"{path}: no 'module' state dict; {META_FILE} says pp={self.pp} "
+                                  f"ZeRO-{self.zero}, which does not match the files")
         for name, v in module.items():
-            self.put(t, name, "weight", v, path)
+            self.put(t, rename(name), "weight", v, path)
         if self.with_optimizer and self.zero == 0:
             groups = group_names(module, self.train_cfg)  # the state dict is in parameter order
             merged, step = unflatten_torch_optimizer(ms["optimizer"], groups, path)
@@ -159,8 +162,9 @@ class _Reader:
 
     def read(self) -> FullState:
         for t in range(self.tp):
-            if self.pp == 1:
-                self.read_pp1(t)
+            if self.pp == 1 or stage_engine_layout(self.pp, self.zero):
+                for p in range(self.pp):
+                    self.read_engine_files(t, p * self.tp + t)
             else:
                 self.read_layers(t)
                 if self.with_optimizer:

@@ -16,8 +16,10 @@ documents):
     pp=1, ZeRO 0-2   mp_rank_{t:02d}_model_states.pt 'module'[GPTModel name]
     pp=1, ZeRO-3     zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt for every d (`ZeroPartitions`),
                      parameter order from zero_pp_rank_0_mp_rank_{t:02d}_model_states.pt 'param_shapes'
-    pp>1             layer_{i:02d}-model_{t:02d}-model_states.pt[local name], i = the pipeline layer
+    pp>1, ZeRO 0/1   layer_{i:02d}-model_{t:02d}-model_states.pt[local name], i = the pipeline layer
                      (`pipeline_layer_of`; a tied head is the embedding, under layer 0)
+    pp>1, ZeRO 2/3   pp=1's files of model-parallel rank stage * tp + t, under the PipelineModule name
+                     (`_pipeline_stage`: the first stage holding it, from every stage's param_shapes)
     universal        universal_{kind}.safetensors[GPTModel name], full fp32 (megalm-reshard's output)
 
 Weights come from the same entries `consolidate(ref)` (weights only) reads, so a model filled from here
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from megalm.ckpt_files import (UNIVERSAL_STATE_FILE, layer_states_name, model_states_name, optim_states_name,
-                               safetensors_problem, universal_kinds, universal_tensor_file)
+                               safetensors_problem, stage_engine_layout, universal_kinds, universal_tensor_file)
 from megalm.config.model import ModelConfig
 from megalm.model.pipeline import gpt_parameter_names, pipeline_to_gpt_name
 from megalm.rundir import META_FILE
@@ -80,10 +82,10 @@ class ShardReader:
         if with_optimizer and self.universal and not set(MOMENTS) <= set(self.universal):
             raise CheckpointError(f"{ref.path}: this universal step was written with --weights-only and holds no "
                                   f"Adam moments; use --weights-only here too")
-        if with_optimizer and self.pp > 1 and self.zero != 1:
-            raise CheckpointError(f"{ref.path}: optimizer state of pipeline checkpoints without ZeRO-1 (pp={self.pp}, "
-                                  f"zero_stage {self.zero}) cannot be read; use --weights-only, or train the source "
-                                  f"run with zero_stage 1")
+        if with_optimizer and self.pp > 1 and self.zero == 0:
+            raise CheckpointError(f"{ref.path}: optimizer state of pipeline checkpoints without ZeRO (pp={self.pp}, "
+                                  f"zero_stage 0) cannot be read; use --weights-only, or train the source run "
+                                  f"with zero_stage 1, 2 or 3")
         # The optimizer's grouping (ZeRO-0) depends on the train section: parsed up front so a bad config fails first.
         self._train_cfg = ref.run_config().train if with_optimizer and self.zero == 0 and not self.universal else None
         self._files: dict[str, Any] = {}  # path -> mmap'd torch.load result
@@ -131,13 +133,14 @@ class ShardReader:
 
     def _module_piece(self, name: str, t: int) -> tuple[torch.Tensor, str]:
         """Source TP rank t's weight of `name` as the module saved it (an mmap-backed view) and its file."""
-        if self.pp == 1:
-            file = model_states_name(t, self.zero)
+        if self.pp == 1 or stage_engine_layout(self.pp, self.zero):
+            # one engine per model-parallel rank; a stage engine's module holds PipelineModule names
+            stage, local = (0, name) if self.pp == 1 else self._pipeline_stage(name)
+            file = model_states_name(stage * self.tp + t, self.zero)
             module = self._open(file).get("module")
             if not isinstance(module, dict):
-                raise CheckpointError(f"{self.ref.file(file)}: no 'module' state dict; {META_FILE} says pp=1 "
-                                      f"ZeRO-{self.zero}, which does not match the files")
-            local = name
+                raise CheckpointError(f"{self.ref.file(file)}: no 'module' state dict; {META_FILE} says "
+                                      f"pp={self.pp} ZeRO-{self.zero}, which does not match the files")
         else:
             index, local = pipeline_layer_of(name, self.cfg)
             file = layer_states_name(index, t)

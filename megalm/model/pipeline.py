@@ -26,6 +26,9 @@ from .gpt import EmbeddingLayer, FinalNorm, OutputLayer, language_model_loss, re
 from .transformer import TransformerBlock
 
 TIED_EMBEDDING_KEY = "embed"
+# The attribute under which megalm.training.stage_engine.StageModule holds a stage's PipelineModule, so
+# the per-stage engines (pp > 1, ZeRO-2/3) save PipelineModule names with this prefix.
+STAGE_MODULE_ATTR = "pipe"
 
 
 def tied_output_forward(embedding: EmbeddingLayer, hidden: torch.Tensor) -> torch.Tensor:
@@ -85,7 +88,9 @@ def gpt_param_name(layer_index: int | str, local_name: str, cfg: ModelConfig) ->
 
 def pipeline_to_gpt_name(name: str, cfg: ModelConfig) -> str:
     """A PipelineModule parameter name as DeepSpeed saves it ("3.attention.qkv.weight",
-    "tied_modules.embed.weight") -> its GPTModel name."""
+    "tied_modules.embed.weight"; a per-stage engine's "pipe.3.attention.qkv.weight") -> its GPTModel name."""
+    if name.startswith(STAGE_MODULE_ATTR + "."):
+        name = name[len(STAGE_MODULE_ATTR) + 1:]
     if name.startswith("tied_modules."):
         _, key, local = name.split(".", 2)
         return gpt_param_name(key, local, cfg)

@@ -82,6 +82,14 @@ def reduce_scalars(values: torch.Tensor | Sequence[float], op: str = "sum", grou
     return t.cpu()
 
 
+def reduce_tensor(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """All-reduce a copy of a device tensor (a gradient partition, say) over `group`; the copy."""
+    out = tensor.detach().clone()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, op=_OPS[op], group=group)
+    return out
+
+
 def any_rank(flag: bool, group=None) -> bool:
     """True on every rank if it is true on any rank of `group`."""
     return bool(reduce_scalars([1.0 if flag else 0.0], "max", group)[0] > 0)

@@ -21,32 +21,22 @@ import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+from megalm.ckpt_files import stage_engine_layout
 from megalm.config.run import RunConfig
 from megalm.model import GPTModel
-from megalm.model.pipeline import pipeline_layer_specs, pipeline_loss_fn
+from megalm.model.pipeline import pipeline_layer_specs
 from megalm.parallel.cross_entropy import IGNORE_INDEX
 from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
 
 from .deepspeed_config import build_deepspeed_config
 from .optimizer import build_optimizer
+from .pipeline_schedule import PipelineLoss, StageSchedule
 from .precision import check_parameter_dtypes
 from .schedule import build_scheduler
+from .stage_engine import build_stage_engine, pipeline_mean
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-class PipelineLoss:
-    """The pipeline's loss_fn; `poison` turns the next losses into NaN (fault drills only);
-    `targets_per_micro_batch` is set by the engine for each step (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.poison = False
-        self.targets_per_micro_batch: float | None = None
-
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = pipeline_loss_fn(logits, labels, self.targets_per_micro_batch)
-        return loss * float("nan") if self.poison else loss
 
 
 @dataclass
@@ -57,6 +47,7 @@ class Engine:
     is_pipeline: bool
     device: torch.device
     pipeline_loss: PipelineLoss | None = None
+    stage: StageSchedule | None = None  # ZeRO-2/3 x PP: our schedule drives a per-stage engine
     last_update_skipped: bool = False  # DeepSpeed skipped the last step's update (fp16 overflow)
 
     # ---- one optimiser step over `micro_batches` (gradient accumulation inside) ----
@@ -69,6 +60,10 @@ class Engine:
 
     def _train_step(self, micro_batches: list[Batch], poison: bool) -> float:
         per_micro_batch = self._targets_per_micro_batch(micro_batches)
+        if self.stage is not None:
+            self.pipeline_loss.poison = poison
+            self.pipeline_loss.targets_per_micro_batch = per_micro_batch
+            return self._stage_mean(self.stage.train(micro_batches), len(micro_batches))
         if self.is_pipeline:
             self.pipeline_loss.poison = poison
             self.pipeline_loss.targets_per_micro_batch = per_micro_batch
@@ -88,6 +83,13 @@ class Engine:
     @torch.no_grad()
     def eval_step(self, micro_batches: list[Batch]) -> float:
         per_micro_batch = self._targets_per_micro_batch(micro_batches)
+        if self.stage is not None:
+            self.pipeline_loss.targets_per_micro_batch = per_micro_batch
+            self.ds.eval()
+            try:
+                return self._stage_mean(self.stage.evaluate(micro_batches), len(micro_batches))
+            finally:
+                self.ds.train()
         if self.is_pipeline:
             self.pipeline_loss.targets_per_micro_batch = per_micro_batch
             return float(self.ds.eval_batch(iter(micro_batches)))
@@ -116,6 +118,11 @@ class Engine:
         return [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                 for x, y in micro_batches]
 
+    def _stage_mean(self, losses: list[torch.Tensor], count: int) -> float:
+        """The mean micro-batch loss over the last stages' DP group, on every rank."""
+        local = torch.stack(losses).float().sum() / count if losses else torch.zeros((), device=self.device)
+        return pipeline_mean(self._dp_mean(local), self.grid)
+
     def _dp_mean(self, local: torch.Tensor) -> float:
         return float(reduce_scalars(local.float(), "sum", self.grid.dp_group)[0]) / self.grid.dp
 
@@ -143,6 +150,9 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid, device: torch.device | None 
         return build_scheduler(optimizer, cfg.train)
 
     ac = cfg.train.activation_checkpointing
+    if stage_engine_layout(cfg.parallel.pp, cfg.parallel.zero_stage):
+        ds, stage, loss = build_stage_engine(cfg, grid, ds_config, ds_args, schedule, device)
+        return Engine(ds, cfg, grid, is_pipeline=True, device=device, pipeline_loss=loss, stage=stage)
     if cfg.parallel.pp > 1:
         topology = PipeModelDataParallelTopology(num_pp=grid.pp, num_mp=grid.tp, num_dp=grid.dp)
         loss = PipelineLoss()
