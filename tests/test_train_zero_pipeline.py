@@ -29,18 +29,24 @@ def _assert_same_curve(losses, baseline):
             f"layout curve {losses}\nbaseline     {baseline}")
 
 
-LAYOUTS = [(1, 2, 2, 3), (1, 2, 2, 2), (2, 2, 2, 3), (1, 4, 2, 3)]  # (tp, pp, dp, zero)
+# (tp, pp, dp, zero, parallel.pipeline_reshard): ZeRO-3 under both gathering modes (ZeRO-2 gathers nothing)
+LAYOUTS = [(1, 2, 2, 3, "per_step"), (1, 2, 2, 3, "per_microbatch"), (1, 2, 2, 2, "per_step"),
+           (2, 2, 2, 3, "per_step"), (2, 2, 2, 3, "per_microbatch"), (1, 4, 2, 3, "per_step"),
+           (1, 4, 2, 3, "per_microbatch")]
 
 
-@pytest.mark.parametrize("tp,pp,dp,zero", LAYOUTS, ids=[f"tp{t}-pp{p}-dp{d}-z{z}" for t, p, d, z in LAYOUTS])
-def test_zero_pipeline_layout_matches_single_process(rank_pool, shard, baseline, tmp_path, tp, pp, dp, zero):
-    _assert_same_curve(layout_curve(rank_pool, tp, pp, dp, zero, shard, str(tmp_path / "run")), baseline)
+@pytest.mark.parametrize("tp,pp,dp,zero,gather", LAYOUTS,
+                         ids=[f"tp{t}-pp{p}-dp{d}-z{z}-{g}" for t, p, d, z, g in LAYOUTS])
+def test_zero_pipeline_layout_matches_single_process(rank_pool, shard, baseline, tmp_path, tp, pp, dp, zero, gather):
+    losses = layout_curve(rank_pool, tp, pp, dp, zero, shard, str(tmp_path / "run"),
+                          extra=[f"parallel.pipeline_reshard={gather}"])
+    _assert_same_curve(losses, baseline)
 
 
 def test_zero_pipeline_with_activation_checkpointing_matches_single_process(rank_pool, shard, baseline, tmp_path):
     """PipelineModule recomputes each block in the backward pass, where ZeRO-3 gathers it again."""
     losses = layout_curve(rank_pool, 1, 2, 2, 3, shard, str(tmp_path / "run"),
-                          extra=["train.activation_checkpointing=true"])
+                          extra=["train.activation_checkpointing=true", "parallel.pipeline_reshard=per_step"])
     _assert_same_curve(losses, baseline)
 
 

@@ -43,11 +43,28 @@ class StageSchedule:
     """Runs one step (train: 1F1B; eval: forwards only) of this rank's stage."""
 
     def __init__(self, ds, grid: ProcessGrid, loss_fn: Callable, hidden_size: int, act_dtype: torch.dtype,
-                 device: torch.device, before_update: Callable[[], None]):
+                 device: torch.device, before_update: Callable[[], None], keep_gathered: bool = False):
         self.ds, self.grid, self.loss_fn = ds, grid, loss_fn
         self.hidden_size, self.act_dtype, self.device = hidden_size, act_dtype, device
         self.before_update = before_update
+        self.keep_gathered = keep_gathered  # ZeRO-3, parallel.pipeline_reshard=per_step
         self.peers = StagePeers.of(grid.pp_ranks, grid.pp_rank)
+
+    # ---- ZeRO-3 gathering once per step ----
+    # ZeRO-3 releases (re-partitions) a parameter after a module's forward or backward when no module is
+    # still using it: its `ds_active_sub_modules` set is empty. Holding a marker in that set for the whole
+    # step keeps each parameter gathered from its first use to the end of the last backward; before the
+    # update writes the new partitions, the marker goes and every parameter is released.
+    _HELD = -1  # not a module id (DeepSpeed numbers modules from 0)
+
+    def _hold_parameters(self) -> None:
+        for p in self.ds.module.parameters():
+            p.ds_active_sub_modules.add(self._HELD)
+
+    def _release_parameters(self) -> None:
+        for p in self.ds.module.parameters():
+            p.ds_active_sub_modules.discard(self._HELD)
+        self.ds.optimizer._get_param_coordinator().release_and_reset_all(self.ds.module)
 
     # ---- one micro-batch ----
     def _activation_like(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,6 +96,8 @@ class StageSchedule:
         """The step's update, once every backward has sent its gradient on: it all-reduces across stages
         (tied gradients, the norm, the non-finite check), so inside the schedule it would deadlock with
         a neighbour still waiting for this stage's last input gradient."""
+        if self.keep_gathered:
+            self._release_parameters()
         self.before_update()
         self.ds.step()
 
@@ -103,6 +122,8 @@ class StageSchedule:
         in_flight: deque = deque()
         losses: list[torch.Tensor] = []
         nxt, prv = self.peers.next, self.peers.prev
+        if self.keep_gathered:
+            self._hold_parameters()
 
         def forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
             x, y = self._forward(micro_batches[i], received, grad=True)
