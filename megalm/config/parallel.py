@@ -16,9 +16,10 @@ class ParallelConfig:
     # or parameters ("parameters") or plain layer count ("uniform").
     pipeline_partition: str = "type:TransformerBlock"
     # ZeRO-3 with pp > 1 (megalm.training.stage_engine): "per_step" gathers a stage's parameters at their
-    # first use in a step and keeps them until the step's last backward (one all-gather per parameter per
-    # step; the stage's full parameters are live during the step); "per_microbatch" gathers them for
-    # every micro-batch's forward and again for its backward (ZeRO-3's own behaviour; least memory).
+    # first use in a step and keeps them, and its gradients, until the step's last backward: one all-gather
+    # and one reduce-scatter per parameter per step, the stage's full parameters and gradients live during
+    # the step; "per_microbatch" gathers for every micro-batch's forward and again for its backward and
+    # reduce-scatters after each backward (ZeRO-3's own behaviour; least memory).
     pipeline_reshard: Literal["per_step", "per_microbatch"] = "per_step"
 
     def validate(self, where: str = "parallel") -> None:

@@ -9,8 +9,9 @@ Gradients: the last stage calls `engine.backward(loss)` (DeepSpeed divides by th
 the others back-propagate the received output gradient through the surrogate scalar `(y * dy).sum()`,
 whose gradient with respect to the stage's parameters and input is exactly dy's vector-Jacobian product,
 with `scale_wrt_gas=False` because dy already carries the 1/M. `engine.step()` follows every backward
-but the last, as at pp=1 (DeepSpeed only counts the micro-step); the boundary's `step()` waits until the
-schedule is drained, because the update reduces across stages (tied gradients, grad norm, overflow).
+but the last, as at pp=1 (DeepSpeed only counts the micro-step; under `OncePerStep` there is none); the
+boundary's `step()` waits until the schedule is drained, because the update reduces across stages (tied
+gradients, grad norm, overflow).
 """
 from __future__ import annotations
 
@@ -39,32 +40,56 @@ class PipelineLoss:
         return loss * float("nan") if self.poison else loss
 
 
+class OncePerStep:
+    """ZeRO-3, `parallel.pipeline_reshard=per_step`: one all-gather and one reduce-scatter per stage per
+    optimizer step, as torchtitan's FSDP2 under PP (parameters unsharded across the micro-batches,
+    gradients reduced at the last one).
+
+    Parameters: ZeRO-3 releases (re-partitions) a parameter after a module's forward or backward once no
+    module uses it, i.e. when its `ds_active_sub_modules` set is empty. A marker held in that set for
+    the step keeps every parameter gathered from its first use to the last backward. Gradients: inside
+    DeepSpeed's `engine.coalesce_grad_reduction()` each backward accumulates the full gradients on the
+    (gathered) parameters and leaving it reduce-scatters them once. Then the marker goes and
+    `release_and_reset_all` re-partitions, before the update writes the new partitions; the update is
+    `step()` at a boundary we set (inside the block DeepSpeed refuses `step()`, so the micro-steps are
+    not counted one by one). Costs the stage's full parameters and gradients in memory during the step."""
+
+    _HELD = -1  # not a module id (DeepSpeed numbers modules from 0)
+
+    def __init__(self, ds):
+        self.ds = ds
+        self._coalescing = None
+
+    def begin(self) -> None:
+        for p in self.ds.module.parameters():
+            p.ds_active_sub_modules.add(self._HELD)
+        self._coalescing = self.ds.coalesce_grad_reduction()
+        self._coalescing.__enter__()
+
+    def end(self) -> None:
+        """After the step's last backward: reduce the gradients, release the parameters."""
+        self._coalescing.__exit__(None, None, None)
+        self._coalescing = None
+        for p in self.ds.module.parameters():
+            p.ds_active_sub_modules.discard(self._HELD)
+        self.ds.optimizer._get_param_coordinator().release_and_reset_all(self.ds.module)
+
+    def update(self) -> None:
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.ds.step()
+        self.ds.set_gradient_accumulation_boundary(False)
+
+
 class StageSchedule:
     """Runs one step (train: 1F1B; eval: forwards only) of this rank's stage."""
 
     def __init__(self, ds, grid: ProcessGrid, loss_fn: Callable, hidden_size: int, act_dtype: torch.dtype,
-                 device: torch.device, before_update: Callable[[], None], keep_gathered: bool = False):
+                 device: torch.device, before_update: Callable[[], None], once_per_step: bool = False):
         self.ds, self.grid, self.loss_fn = ds, grid, loss_fn
         self.hidden_size, self.act_dtype, self.device = hidden_size, act_dtype, device
         self.before_update = before_update
-        self.keep_gathered = keep_gathered  # ZeRO-3, parallel.pipeline_reshard=per_step
+        self.once_per_step = OncePerStep(ds) if once_per_step else None
         self.peers = StagePeers.of(grid.pp_ranks, grid.pp_rank)
-
-    # ---- ZeRO-3 gathering once per step ----
-    # ZeRO-3 releases (re-partitions) a parameter after a module's forward or backward when no module is
-    # still using it: its `ds_active_sub_modules` set is empty. Holding a marker in that set for the whole
-    # step keeps each parameter gathered from its first use to the end of the last backward; before the
-    # update writes the new partitions, the marker goes and every parameter is released.
-    _HELD = -1  # not a module id (DeepSpeed numbers modules from 0)
-
-    def _hold_parameters(self) -> None:
-        for p in self.ds.module.parameters():
-            p.ds_active_sub_modules.add(self._HELD)
-
-    def _release_parameters(self) -> None:
-        for p in self.ds.module.parameters():
-            p.ds_active_sub_modules.discard(self._HELD)
-        self.ds.optimizer._get_param_coordinator().release_and_reset_all(self.ds.module)
 
     # ---- one micro-batch ----
     def _activation_like(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -88,7 +113,7 @@ class StageSchedule:
             self.ds.backward(y)
         else:
             self.ds.backward((y * dy).sum(), scale_wrt_gas=False)
-        if not self.ds.is_gradient_accumulation_boundary():
+        if self.once_per_step is None and not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # only counts the micro-step; the boundary's step is `_update`
         return None if self.grid.is_first_stage else x.grad
 
@@ -96,10 +121,13 @@ class StageSchedule:
         """The step's update, once every backward has sent its gradient on: it all-reduces across stages
         (tied gradients, the norm, the non-finite check), so inside the schedule it would deadlock with
         a neighbour still waiting for this stage's last input gradient."""
-        if self.keep_gathered:
-            self._release_parameters()
+        if self.once_per_step is not None:
+            self.once_per_step.end()
         self.before_update()
-        self.ds.step()
+        if self.once_per_step is not None:
+            self.once_per_step.update()
+        else:
+            self.ds.step()
 
     # ---- transfers (None peers: nothing to send or receive at that end) ----
     def _send_recv(self, send: Optional[torch.Tensor], send_to: Optional[int],
@@ -122,8 +150,8 @@ class StageSchedule:
         in_flight: deque = deque()
         losses: list[torch.Tensor] = []
         nxt, prv = self.peers.next, self.peers.prev
-        if self.keep_gathered:
-            self._hold_parameters()
+        if self.once_per_step is not None:
+            self.once_per_step.begin()
 
         def forward(i: int, received: Optional[torch.Tensor]) -> torch.Tensor:
             x, y = self._forward(micro_batches[i], received, grad=True)

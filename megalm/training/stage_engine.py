@@ -152,7 +152,7 @@ def build_stage_engine(cfg: RunConfig, grid: ProcessGrid, ds_config: dict, ds_ar
         if tied:
             reduce_tied_gradients(pipe)
 
-    keep_gathered = cfg.parallel.zero_stage == 3 and cfg.parallel.pipeline_reshard == "per_step"
+    once_per_step = cfg.parallel.zero_stage == 3 and cfg.parallel.pipeline_reshard == "per_step"
     schedule = StageSchedule(ds, grid, loss, cfg.model.hidden_size, parameter_dtype(cfg.train.precision),
-                             device, before_update, keep_gathered)
+                             device, before_update, once_per_step)
     return ds, schedule, loss
