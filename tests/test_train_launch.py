@@ -19,9 +19,9 @@ def shard(tmp_path_factory):
     return write_synthetic_shard(str(tmp_path_factory.mktemp("shard") / "tokens"))
 
 
-def _train_args(shard: str, run_dir: str, *extra: str) -> list[str]:
+def _train_args(shard: str, run_dir: str, *extra: str, layout: tuple[str, ...] = ("parallel.tp=2",)) -> list[str]:
     return ["--config", TINY_RUN, f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}",
-            "train.train_steps=5", "parallel.tp=2", *extra]
+            "train.train_steps=5", *layout, *extra]
 
 
 def _assert_reached_step_5(run_dir: str, out: str) -> None:
@@ -33,8 +33,11 @@ def test_deepspeed_hostfile_launch(shard, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run_dir = str(tmp_path / "run")
+    # a ZeRO-3 pipeline (one engine per stage, issue 11); tp=2 runs under mpirun and torchrun
+    layout = ("parallel.pp=2", "parallel.zero_stage=3")
     cmd = [os.path.join(BIN, "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "--module", "megalm.train", *_train_args(shard, run_dir)]
+           "127.0.0.1", "--master_port", str(free_port()), "--module", "megalm.train",
+           *_train_args(shard, run_dir, layout=layout)]
     out = run_command(cmd, timeout=300, env=ENV, check=True).output
     _assert_reached_step_5(run_dir, out)
 
