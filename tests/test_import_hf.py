@@ -18,7 +18,7 @@ from tests.train_fixtures import write_synthetic_shard
 import transformers  # pinned in requirements.txt: a missing install must fail, not skip
 
 ATOL = 1e-5
-LAYOUTS = {"1110": (1, 1, 1, 0), "2211": (2, 2, 1, 1)}
+LAYOUTS = {"1110": (1, 1, 1, 0), "2211": (2, 2, 1, 1), "1222": (1, 2, 2, 2)}  # 1222: ZeRO-2 x PP (issue 11)
 
 
 def make_hf_model(path: str, tied: bool, seed: int = 0, tokenizer: str | None = None, **config) -> str:
@@ -181,8 +181,8 @@ def test_impossible_layouts_and_used_outputs_are_refused(hf_dirs, imported, tmp_
 
     assert main(["--hf", hf_dirs[False], "--output", str(tmp_path / "a"), "--tp", "3"]) == 2
     assert "model.num_heads: 8 query heads cannot be split over tensor_parallel=3" in capsys.readouterr().err
-    assert main(["--hf", hf_dirs[False], "--output", str(tmp_path / "b"), "--pp", "2", "--zero-stage", "3"]) == 2
-    assert "parallel.zero_stage" in capsys.readouterr().err
+    assert main(["--hf", hf_dirs[False], "--output", str(tmp_path / "b"), "--pp", "8", "--zero-stage", "3"]) == 2
+    assert "pipeline_parallel=8" in capsys.readouterr().err
     assert main(["--hf", hf_dirs[False], "--output", imported(False, "1110")]) == 2
     assert "already holds checkpoints [0]" in capsys.readouterr().err
     assert main(["--hf", str(tmp_path / "nope"), "--output", str(tmp_path / "c")]) == 2

@@ -6,7 +6,8 @@ specs, partitioning and tied-embedding groups as the ZeRO-1 pipeline), wrapped i
 group. ZeRO therefore partitions, gathers and reduce-scatters exactly as at pp=1, only inside one stage;
 `megalm.training.pipeline_schedule` moves activations and their gradients between stages.
 
-Three things DeepSpeed's per-stage engine would get wrong by itself, and what this module does:
+What DeepSpeed's per-stage engine would get wrong by itself, and what this module does (the rest, and
+how each was found, in DESIGN decision 49):
 - **The gradient norm and the non-finite skip must cover the PP x TP x DP world.** ZeRO sums squared
   norms over the DP group, then over the mpu's model-parallel group (tp x pp: one replica, so every
   stage), counting a parameter that is not tensor-parallel only where its `model_parallel_rank` is 0.
