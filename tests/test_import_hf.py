@@ -18,7 +18,8 @@ from tests.train_fixtures import write_synthetic_shard
 import transformers  # pinned in requirements.txt: a missing install must fail, not skip
 
 ATOL = 1e-5
-LAYOUTS = {"1110": (1, 1, 1, 0), "2211": (2, 2, 1, 1), "1222": (1, 2, 2, 2)}  # 1222: ZeRO-2 x PP (issue 11)
+# 1223: ZeRO-3 x PP (issue 11), whose step-0 optimizer files hold fp32 weights but no Adam state
+LAYOUTS = {"1110": (1, 1, 1, 0), "2211": (2, 2, 1, 1), "1223": (1, 2, 2, 3)}
 
 
 def make_hf_model(path: str, tied: bool, seed: int = 0, tokenizer: str | None = None, **config) -> str:

@@ -136,6 +136,10 @@ class ZeroPartitions:
                 raise CheckpointError(f"{path}: partitioned over {int(osd['partition_count'])} DP ranks but "
                                       f"{self.dp} optimizer files were found; the checkpoint is incomplete")
             groups = list(osd["fp32_flat_groups"])
+            if not osd["optimizer_state_dict"].get("state"):
+                # Never stepped (megalm-import's step 0): the fp32 weights are there, Adam moments are not.
+                per_rank.append({"weight": groups})
+                continue
             states = [_group_state(osd["optimizer_state_dict"], g, path) for g in range(len(groups))]
             self.step = _step_of(states[0]) if self.step is None else self.step
             per_rank.append({"weight": groups, **{key: [s[key] for s in states] for key in MOMENTS}})
@@ -163,6 +167,10 @@ class ZeroPartitions:
         if self.stage in (1, 2):
             return {k: _narrow_cat(pieces[k], offset, n).view(shape) for k in kinds}
         part = math.ceil(n / self.dp)
+        missing = [k for k in kinds if any(k not in r for r in self._zero3_ranks)]
+        if missing:
+            raise CheckpointError(f"{self.where}: holds no {', '.join(missing)}: this step's optimizer never "
+                                  f"stepped (a megalm-import step 0); read its weights only (--weights-only)")
         # One copy: the DP ranks' pieces (views into their files) are concatenated into a new tensor; the
         # last rank's padding (< dp elements) stays behind the view.
         return {k: torch.cat([v for r in self._zero3_ranks for v in _narrow_views(r[k], offset, part)])[:n].view(shape)
