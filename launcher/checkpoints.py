@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megalm import rundir, runlock
-from megalm.ckpt_files import expected_rank_files, file_problem, pt_files, universal_kinds
+from megalm.ckpt_files import expected_rank_files, file_problem, pt_files, stage_engine_layout, universal_kinds
 from megalm.rundir import LATEST_FILE, META_FILE, checkpoint_root, tag_for
 
 __all__ = ["CheckpointEntry", "checkpoint_root", "latest_complete_step", "list_checkpoints", "plan_prune", "prune",
@@ -156,7 +156,9 @@ def verify_entry(entry: CheckpointEntry, quick: bool = False) -> list[str]:
         if len(optim) != world:
             problems.append(f"ZeRO-{zero}: {len(optim)} optimizer shard(s) *_optim_states.pt, expected one per "
                             f"rank ({world})")
-    if layout["pp"] > 1:
+    # ZeRO-2/3 x PP trains one DeepSpeedEngine per stage: pp=1's files once per model-parallel rank, no
+    # per-layer files (expected_rank_files lists them exactly)
+    if layout["pp"] > 1 and not stage_engine_layout(layout["pp"], zero):
         layers: dict[str, int] = {}
         for n in names:
             m = re.match(r"^layer_(\d+)-.*model_states\.pt$", n)

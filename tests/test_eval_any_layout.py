@@ -166,3 +166,46 @@ def test_impossible_layouts_are_one_line_errors(rank_pool, trained, capsys):
     # world 2 cannot hold tp x pp = 4: every rank refuses before building a grid
     assert rank_pool(2).run(_main_on_rank, [*common, "--tp", "2", "--pp", "2"], timeout=120) == [2, 2]
     assert os.path.isdir(run_dir)
+
+
+# ------------------------------------------------------------------ a ZeRO-3 x PP checkpoint (issue 11)
+
+ZERO3_PIPELINE_SOURCE = (2, 2, 2, 3)  # one DeepSpeedEngine per stage: per-mp-rank ZeRO-3 partitions
+
+
+@pytest.fixture(scope="module")
+def zero3_pipeline_trained(rank_pool, trained, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("src-z3pp"))
+    train_layout_run(rank_pool, ZERO3_PIPELINE_SOURCE, trained[1], run_dir, STEPS, (f"train.save_interval={STEPS}",))
+    return run_dir
+
+
+def test_zero3_pipeline_checkpoint_evaluates_at_any_layout(rank_pool, trained, reference, zero3_pipeline_trained,
+                                                            tmp_path):
+    """Evaluated single-process and at (tp, pp, dp) = (1, 2, 1), without consolidation: both agree within
+    1e-5, and (the same training at another layout) agree with the ZeRO-1 source's result within 1e-4."""
+    from megalm.eval.evaluate import main
+    from megalm.export.checkpoint_files import locate_checkpoint
+
+    run_dir, shard = zero3_pipeline_trained, trained[1]
+    layout = locate_checkpoint(run_dir).meta["layout"]
+    assert (layout["tp"], layout["pp"], layout["dp"], layout["zero_stage"]) == ZERO3_PIPELINE_SOURCE, layout
+    common = ["--checkpoint", run_dir, "--data", shard, "--max-tokens", str(MAX_TOKENS), "--no-tensorboard"]
+    single_out = str(tmp_path / "single.json")
+    undo = _no_consolidation()
+    try:
+        assert main([*common, "--micro-batch-size", "4", "--output", single_out]) == 0
+    finally:
+        undo()
+    single = json.load(open(single_out))[0]
+    out = str(tmp_path / "multi.json")
+    per_rank = rank_pool(2).run(_eval_on_rank, [*common, "--micro-batch-size", "3", "--output", out, "--pp", "2"],
+                                timeout=300)
+    for rank, (results, seen) in enumerate(per_rank):
+        assert results[0]["tokens"] == single["tokens"] == MAX_TOKENS
+        assert abs(results[0]["loss"] - single["loss"]) / single["loss"] <= RTOL, (rank, results[0], single)
+        assert set(seen) == _stage_names(1, 2, rank), (rank, sorted(seen))
+    same_training = abs(single["loss"] - reference["loss"]) / reference["loss"]
+    assert same_training <= 1e-4, (single["loss"], reference["loss"])
+    print(f"ZeRO-3 x PP checkpoint: single {single['loss']!r}, (1,2,1) {per_rank[0][0][0]['loss']!r}, "
+          f"ZeRO-1 source {reference['loss']!r} ({same_training:.1e})")

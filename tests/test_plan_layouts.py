@@ -7,6 +7,7 @@ import pytest
 
 from megalm.config.model import load_model_config
 from megalm.plan.cli import main, plan
+from megalm.plan.cost import estimate_step_time
 from megalm.plan.layouts import Layout, enumerate_layouts, layout_problem
 from megalm.plan.memory import GIB, Hardware, estimate_memory, stage_parameters
 
@@ -18,7 +19,7 @@ def test_every_enumerated_layout_obeys_the_rules():
     for L in layouts:
         assert L.gpus == 64 and L.tp <= 8
         assert cfg.num_heads % L.tp == 0 and cfg.kv_heads % L.tp == 0 and cfg.num_layers >= L.pp
-        assert not (L.zero >= 2 and L.pp > 1)  # valid, but not planned yet (megalm.plan.layouts)
+        assert L.pipeline_reshard == "per_step" or (L.zero == 3 and L.pp > 1)  # the mode exists only there
         assert 1024 % (L.micro_batch * L.dp) == 0
     assert {L.tp for L in layouts} == {1, 2, 4, 8}
     assert any(L.checkpointing for L in layouts) and any(not L.checkpointing for L in layouts)
@@ -28,11 +29,12 @@ def test_rules_reject_what_config_validation_rejects():
     cfg = load_model_config("tiny")  # 8 heads, 4 kv heads, 4 layers
     assert "kv heads" in layout_problem(cfg, Layout(8, 1, 1, 0, 1, False), 8)
     assert "layers" in layout_problem(cfg, Layout(1, 8, 1, 0, 1, False), 8)
-    # ZeRO-2/3 x PP is a valid layout (issue 11), fp16 under it is not; the planner does not propose it
-    # until its memory and cost models are validated there
+    # ZeRO-2/3 x PP is a valid layout (issue 11), planned under both gathering modes; fp16 under it is not
     assert layout_problem(cfg, Layout(1, 2, 2, 3, 1, False), 8) is None
     assert "fp16 cannot be combined" in layout_problem(cfg, Layout(1, 2, 2, 3, 1, False), 8, precision="fp16")
-    assert not any(L.pp > 1 and L.zero >= 2 for L in enumerate_layouts(cfg, 4, 16))
+    piped = {(L.zero, L.pipeline_reshard) for L in enumerate_layouts(cfg, 4, 16) if L.pp > 1}
+    assert piped == {(1, "per_step"), (2, "per_step"), (3, "per_step"), (3, "per_microbatch")}, piped
+    assert "pipeline_reshard" in layout_problem(cfg, Layout(1, 2, 2, 3, 1, False, "sometimes"), 8)
     assert "divisible" in layout_problem(cfg, Layout(1, 1, 3, 0, 1, False), 8)
     assert "node" in layout_problem(cfg, Layout(16, 1, 1, 0, 1, False), 8, gpus_per_node=8)
     assert layout_problem(cfg, Layout(2, 2, 2, 1, 1, False), 8) is None
@@ -56,6 +58,24 @@ def test_memory_model_monotone_in_the_obvious_directions():
     assert mem(dataclasses.replace(base, micro_batch=2)) > mem(base)
     assert sum(stage_parameters(cfg, 1, 4)) == sum(stage_parameters(cfg, 1, 1)) + 0  # untied: no extra copy
     assert sum(stage_parameters(cfg, 2, 1)) * 2 == pytest.approx(cfg.num_parameters(), rel=0.01)
+
+
+def test_zero3_pipeline_terms():
+    """ZeRO-3 x PP: per_step holds the stage's full gradients during the step but all-gathers once per
+    step; per_microbatch the reverse. ZeRO-2 x PP has no PipelineEngine second bucket."""
+    cfg = load_model_config("13b")
+    step, micro = Layout(1, 4, 8, 3, 1, False), Layout(1, 4, 8, 3, 1, False, "per_microbatch")
+    mem = lambda L: estimate_memory(cfg, L, 4096, 512, Hardware())  # noqa: E731
+    P = max(stage_parameters(cfg, 1, 4))
+    assert mem(step).grads - mem(micro).grads == pytest.approx(2 * P, rel=1e-5)  # bf16 full gradients (worst stage)
+    cost = lambda L: estimate_step_time(cfg, L, 4096, 512, Hardware()).dp_comm  # noqa: E731
+    m = step.micro_batches(512)
+    assert cost(micro) == pytest.approx(cost(step) * 3 * m / 2)  # 2(D-1)/D P once vs 3m(D-1)/D P
+    assert cost(step) == pytest.approx(cost(dataclasses.replace(step, zero=1)))
+    # ZeRO-2 reduce-scatters in every micro-batch's backward (DeepSpeed partitions gradients as they come)
+    assert cost(dataclasses.replace(step, zero=2)) == pytest.approx(cost(step) * (m + 1) / 2)
+    z1, z2 = Layout(1, 4, 8, 1, 1, False), Layout(1, 4, 8, 2, 1, False)
+    assert mem(z1).buffers > mem(z2).buffers
 
 
 def test_ranking_puts_fitting_layouts_first_and_bubble_counts():

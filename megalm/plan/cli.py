@@ -73,7 +73,8 @@ def why_first(cands: list[Candidate], global_batch: int) -> str:
 
 def _row(c: Candidate) -> str:
     m, t, L = c.memory, c.time, c.layout
-    return (f"{L.tp:>3} {L.pp:>3} {L.dp:>4} {L.zero:>4} {L.micro_batch:>3} {'yes' if L.checkpointing else 'no':>3} | "
+    zero = f"{L.zero}{'m' if L.gathers_per_microbatch else ''}"
+    return (f"{L.tp:>3} {L.pp:>3} {L.dp:>4} {zero:>4} {L.micro_batch:>3} {'yes' if L.checkpointing else 'no':>3} | "
             f"{m.params / GIB:7.1f} {m.grads / GIB:6.1f} {m.optimizer / GIB:6.1f} {m.activations / GIB:6.1f} "
             f"{m.buffers / GIB:6.1f} {m.total / GIB:7.1f} {'fits' if c.fits else 'NO':>5} | "
             f"{t.total:7.2f} {t.bubble:6.2f} {t.tp_comm:6.2f} {t.dp_comm:6.2f}")
@@ -96,7 +97,8 @@ def table(models: list[str], gpu_counts: list[int], global_batch: int, seq_len: 
                 continue
             c = cands[0]
             L = c.layout
-            lines.append(f"| {name} | {gpus} | {L.tp} | {L.pp} | {L.dp} | {L.zero} | {L.micro_batch} | "
+            zero = f"{L.zero} (gathered per micro-batch)" if L.gathers_per_microbatch else str(L.zero)
+            lines.append(f"| {name} | {gpus} | {L.tp} | {L.pp} | {L.dp} | {zero} | {L.micro_batch} | "
                          f"{'yes' if L.checkpointing else 'no'} | {c.memory.total / GIB:.1f} | {c.time.total:.1f} | "
                          f"{global_batch * seq_len / c.time.total / gpus:,.0f} |")
     return "\n".join(lines) + "\n"

@@ -5,9 +5,14 @@
     tp comm   = 4 all-reduces per layer and micro-batch (2 forward, 2 backward) of micro*seq*h activations,
                 ring volume 2(tp-1)/tp, over NVLink (tp <= 8 stays in a node)
     pp comm   = 2 point-to-point transfers of micro*seq*h per stage boundary and micro-batch
-    dp comm   = gradient all-reduce (ZeRO 0-2: reduce-scatter + all-gather, same volume) 2(D-1)/D * grad bytes;
-                ZeRO-3 also all-gathers the parameters twice (forward, backward) per micro-batch
-                (D-1)/D * param bytes each; over NVLink when the DP group fits in a node, else InfiniBand
+    dp comm   = per step, over NVLink when the DP group fits in a node, else InfiniBand, ring volumes of
+                the stage's parameter bytes (DeepSpeed 0.19's behaviour, read in its stage_1_and_2.py/stage3.py):
+                ZeRO-0/1: one gradient all-reduce (or reduce-scatter + all-gather) at the boundary, 2(D-1)/D;
+                ZeRO-2: a reduce-scatter in every micro-batch's backward (it partitions gradients as they
+                come) plus the all-gather of the updated parameters, (m+1)(D-1)/D;
+                ZeRO-3: per micro-batch two parameter all-gathers (forward, backward) and a reduce-scatter,
+                3m(D-1)/D; ZeRO-3 x PP with `pipeline_reshard=per_step`: one all-gather of the stage and one
+                reduce-scatter per step, 2(D-1)/D (torchtitan's FSDP2 x PP rule; counted in bench/RESULTS.md).
 A higher micro batch lowers per-kernel overhead, modelled as a matmul efficiency factor mb/(mb + 0.5).
 """
 from __future__ import annotations
@@ -57,8 +62,10 @@ def estimate_step_time(cfg: ModelConfig, layout: Layout, seq_len: int, global_ba
     if D > 1:
         P = max(stage_parameters(cfg, tp, pp))
         bw = hw.intra_node_gbps if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbps
-        volume = 2 * (D - 1) / D * P * act_bytes
-        if layout.zero == 3:
-            volume += 2 * m * (D - 1) / D * P * act_bytes
+        if layout.zero == 3 and layout.stage_engine and not layout.gathers_per_microbatch:
+            passes = 2
+        else:
+            passes = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
+        volume = passes * (D - 1) / D * P * act_bytes
         dp_comm = volume / (bw * 1e9)
     return StepTime(compute, bubble, tp_comm, pp_comm, dp_comm)

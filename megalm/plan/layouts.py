@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from megalm.config import ConfigError
+from megalm.config.loader import from_dict
 from megalm.config.model import ModelConfig
 from megalm.config.parallel import ParallelConfig
 from megalm.config.run import check_precision
@@ -20,6 +21,18 @@ class Layout:
     zero: int
     micro_batch: int
     checkpointing: bool
+    # ZeRO-3 with pp > 1 only (`parallel.pipeline_reshard`): "per_step" gathers a stage once per step,
+    # "per_microbatch" on every use; anything else ignores it.
+    pipeline_reshard: str = "per_step"
+
+    @property
+    def stage_engine(self) -> bool:
+        """One DeepSpeedEngine per pipeline stage (ZeRO-2/3 x PP) instead of DeepSpeed's PipelineEngine."""
+        return self.pp > 1 and self.zero >= 2
+
+    @property
+    def gathers_per_microbatch(self) -> bool:
+        return self.zero == 3 and self.pp > 1 and self.pipeline_reshard == "per_microbatch"
 
     @property
     def gpus(self) -> int:
@@ -30,8 +43,8 @@ class Layout:
         return global_batch // (self.micro_batch * self.dp)
 
     def short(self) -> str:
-        return (f"tp{self.tp} pp{self.pp} dp{self.dp} z{self.zero} mb{self.micro_batch}"
-                f"{' ac' if self.checkpointing else ''}")
+        return (f"tp{self.tp} pp{self.pp} dp{self.dp} z{self.zero}{'/mb-gather' if self.gathers_per_microbatch else ''}"
+                f" mb{self.micro_batch}{' ac' if self.checkpointing else ''}")
 
 
 def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_per_node: int = 8,
@@ -41,7 +54,9 @@ def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_p
         return f"tp={layout.tp} spans more than one node ({gpus_per_node} GPUs)"
     try:
         model.check_layout(layout.tp, layout.pp)
-        ParallelConfig(tp=layout.tp, pp=layout.pp, zero_stage=layout.zero).validate()  # type: ignore[arg-type]
+        # through the loader's from_dict, so its field types (pipeline_reshard's choices) are checked too
+        from_dict(ParallelConfig, {"tp": layout.tp, "pp": layout.pp, "zero_stage": layout.zero,
+                                   "pipeline_reshard": layout.pipeline_reshard}, "parallel").validate()
         batch = TrainConfig(micro_batch_size=layout.micro_batch, global_batch_size=global_batch)
         batch.gradient_accumulation_steps(layout.dp)
         check_precision(precision, layout.zero, layout.pp)
@@ -60,9 +75,9 @@ def _powers_of_two(limit: int) -> list[int]:
 
 def enumerate_layouts(model: ModelConfig, gpus: int, global_batch: int, gpus_per_node: int = 8,
                       max_micro_batch: int = 16, precision: str = "bf16") -> Iterator[Layout]:
-    """Every valid layout using exactly `gpus` GPUs, except ZeRO-2/3 with pp > 1 (see below). At dp=1 ZeRO
-    partitions nothing: only the stage the precision needs is listed there (1 for bf16, else 0); micro
-    batches are powers of two."""
+    """Every valid layout using exactly `gpus` GPUs. At dp=1 ZeRO partitions nothing: only the stage the
+    precision needs is listed there (1 for bf16, else 0); micro batches are powers of two. ZeRO-3 with
+    pp > 1 is listed under both `parallel.pipeline_reshard` modes."""
     for tp in _powers_of_two(min(gpus_per_node, gpus)):
         for pp in range(1, model.num_layers + 1):
             if gpus % (tp * pp):
@@ -71,13 +86,10 @@ def enumerate_layouts(model: ModelConfig, gpus: int, global_batch: int, gpus_per
             for zero in (0, 1, 2, 3):
                 if dp == 1 and zero != (1 if precision == "bf16" else 0):
                     continue
-                if pp > 1 and zero >= 2:
-                    # The trainer runs these (one engine per stage, megalm.training.stage_engine), but the
-                    # memory and cost models have not been validated against measurements of them yet
-                    # (issue 11): the planner proposes only layouts whose predictions were checked.
-                    continue
+                modes = ("per_step", "per_microbatch") if pp > 1 and zero == 3 else ("per_step",)
                 for mb in _powers_of_two(min(max_micro_batch, max(1, global_batch // dp))):
                     for ac in (False, True):
-                        layout = Layout(tp, pp, dp, zero, mb, ac)
-                        if layout_problem(model, layout, global_batch, gpus_per_node, precision) is None:
-                            yield layout
+                        for mode in modes:
+                            layout = Layout(tp, pp, dp, zero, mb, ac, mode)
+                            if layout_problem(model, layout, global_batch, gpus_per_node, precision) is None:
+                                yield layout

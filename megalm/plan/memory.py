@@ -30,9 +30,15 @@ logits and the cross-entropy's float copies (3 x V/tp floats, plus the bf16 logi
 
 Buffers: DeepSpeed's ZeRO reduce bucket (`megalm.config.zero_buckets`: DeepSpeed's 5e8 elements or the
 model's TP-shard parameter count if smaller, as the trainer configures it; allocated whole: fp32 for
-ZeRO-1 and on CPU, the gradient dtype otherwise; a second one on the pipeline path), ZeRO-3's
-reduce-scatter staging (one full gradient copy), and on a GPU a fixed reserve (CUDA context, cuBLAS/NCCL
-workspaces) plus a fragmentation margin of the caching allocator.
+ZeRO-1 and on CPU, the gradient dtype otherwise; a second one under DeepSpeed's PipelineEngine, i.e.
+ZeRO-1 x PP), ZeRO-3's reduce-scatter staging (one full gradient copy), and on a GPU a fixed reserve
+(CUDA context, cuBLAS/NCCL workspaces) plus a fragmentation margin of the caching allocator.
+
+ZeRO-2/3 x PP (one DeepSpeedEngine per stage, `megalm.training.stage_engine`): the pp=1 terms of the
+stage's P, one bucket. ZeRO-3 `pipeline_reshard=per_step` adds the stage's full gradients (param dtype),
+which accumulate across the step's micro-batches before its single reduce-scatter; `per_microbatch`
+reduces them every backward, as at pp=1. Both keep the gathered parameters (the max-live rule above).
+Validated on 125m at (1,2,2,2) and (1,2,2,3) in both modes (tests/test_plan_memory.py).
 """
 from __future__ import annotations
 
@@ -138,6 +144,10 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch
         else:
             persistent_grads = {0: 6 * P, 1: 2 * P + 4 * P / D, 2: 8 * P / D, 3: 4 * P / D}[z]
             step_grads = 0.0
+        if layout.stage_engine and z == 3 and not layout.gathers_per_microbatch:
+            # parallel.pipeline_reshard=per_step: the full gradients accumulate on the gathered parameters
+            # (in their dtype) from the step's first backward to the one reduce-scatter at its end.
+            persistent_grads += pbytes * P
         e.grads = persistent_grads
         # ---- optimizer state (+ foreach AdamW's temporary at step time)
         e.optimizer = (8 if fp32 else 12) * P if z == 0 else 12 * P / D
@@ -166,7 +176,8 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch
         bucket = zero_bucket_elements(cfg, tp)  # the trainer's reduce_bucket_size
         if z in (1, 2):
             bucket_bytes = 4 if (fp32 or z == 1) else 2
-            buffers += bucket * bucket_bytes * (2 if pp > 1 else 1)
+            # DeepSpeed's PipelineEngine (ZeRO-1 x PP) holds a second one; a stage engine does not.
+            buffers += bucket * bucket_bytes * (2 if pp > 1 and not layout.stage_engine else 1)
         if z == 3:
             buffers += bucket * (4 if fp32 else 2) + min(P, bucket) * (4 if fp32 else 2)
         e.buffers = buffers + extra_step
