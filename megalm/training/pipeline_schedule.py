@@ -59,6 +59,12 @@ class OncePerStep:
     def __init__(self, ds):
         self.ds = ds
         self._coalescing = None
+        # DeepSpeed internals this relies on (deepspeed==0.19.8): refuse early, naming them, if they moved.
+        for owner, name in ((ds, "coalesce_grad_reduction"), (ds.optimizer, "_get_param_coordinator")):
+            if not callable(getattr(owner, name, None)):
+                raise RuntimeError(f"parallel.pipeline_reshard=per_step needs {type(owner).__name__}.{name} "
+                                   "(deepspeed==0.19.8); set parallel.pipeline_reshard=per_microbatch or "
+                                   "install that DeepSpeed version")
 
     def begin(self) -> None:
         for p in self.ds.module.parameters():

@@ -100,6 +100,14 @@ def scope_zero3_trace_checks(group: Any) -> None:
     submodules). Only the ranks that gather together, the stage's DP group, must agree: scope it there."""
     from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
 
+    # A process-wide replacement of a DeepSpeed module function (DeepSpeed offers no hook for it), written
+    # against deepspeed==0.19.8 (setup.py): an upgrade that renames or drops the function stops here
+    # instead of silently running the world-wide check.
+    if not callable(getattr(coordinator, "assert_ints_same_as_other_ranks", None)):
+        raise RuntimeError(f"deepspeed {deepspeed.__version__}: partitioned_param_coordinator has no "
+                           "assert_ints_same_as_other_ranks; ZeRO-3 x PP (megalm.training.stage_engine) was "
+                           "validated on deepspeed==0.19.8: install that version or re-validate the stage engine")
+
     def same_on_every_rank_of_the_stage(ints: list[int]) -> None:
         # Relative to the first: ZeRO-3's ids are process-wide counters, so a process that built another
         # model before (a tool, a test's reused process) numbers the same modules from another start.
