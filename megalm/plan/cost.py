@@ -62,10 +62,7 @@ def estimate_step_time(cfg: ModelConfig, layout: Layout, seq_len: int, global_ba
     if D > 1:
         P = max(stage_parameters(cfg, tp, pp))
         bw = hw.intra_node_gbps if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbps
-        if layout.zero == 3 and layout.stage_engine and not layout.gathers_per_microbatch:
-            passes = 2
-        else:
-            passes = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
+        passes = 2 if layout.gathers_per_step else {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
         volume = passes * (D - 1) / D * P * act_bytes
         dp_comm = volume / (bw * 1e9)
     return StepTime(compute, bubble, tp_comm, pp_comm, dp_comm)

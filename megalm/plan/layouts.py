@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from megalm.ckpt_files import stage_engine_layout
 from megalm.config import ConfigError
 from megalm.config.loader import from_dict
 from megalm.config.model import ModelConfig
@@ -28,11 +29,16 @@ class Layout:
     @property
     def stage_engine(self) -> bool:
         """One DeepSpeedEngine per pipeline stage (ZeRO-2/3 x PP) instead of DeepSpeed's PipelineEngine."""
-        return self.pp > 1 and self.zero >= 2
+        return stage_engine_layout(self.pp, self.zero)
+
+    @property
+    def gathers_per_step(self) -> bool:
+        """ZeRO-3 x PP with `per_step`: a stage gathered once per step, its gradients reduced once."""
+        return self.zero == 3 and self.stage_engine and self.pipeline_reshard == "per_step"
 
     @property
     def gathers_per_microbatch(self) -> bool:
-        return self.zero == 3 and self.pp > 1 and self.pipeline_reshard == "per_microbatch"
+        return self.zero == 3 and self.stage_engine and self.pipeline_reshard == "per_microbatch"
 
     @property
     def gpus(self) -> int:
