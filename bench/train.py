@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero3-dp", type=int, default=1, help="DP size of the ZeRO-3 comparison with HF")
     ap.add_argument("--repeat", type=int, default=2, help="alternating repetitions, best median kept")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: cores / ranks)")
+    ap.add_argument("--ours-variant", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="with --baselines hf: also time our ZeRO-3 with this override against the same baseline "
+                         "(e.g. parallel.grad_reduction=per_step); repeatable, one line per override")
     ap.add_argument("overrides", nargs="*", help="section.field=value overrides of the run config")
     args = ap.parse_args(argv)
     sys.path.insert(0, REPO)
@@ -329,9 +332,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.train.precision}; {args.warmup} warm-up + {args.steps} timed steps, best of {args.repeat}; "
           f"{os.cpu_count()} cores")
 
-    layout = _layout_overrides(tp, pp, zero) + args.overrides
-    (ours,) = best_of([("ours", tp * pp * dp, layout)], args.config, args)
-    print(describe(f"ours tp={tp} pp={pp} dp={dp} zero={zero}", ours, tokens, flops, args.peak_tflops))
+    if args.baselines != "hf":  # --baselines hf times our ZeRO-3 itself, in the alternation with HF
+        layout = _layout_overrides(tp, pp, zero) + args.overrides
+        (ours,) = best_of([("ours", tp * pp * dp, layout)], args.config, args)
+        print(describe(f"ours tp={tp} pp={pp} dp={dp} zero={zero}", ours, tokens, flops, args.peak_tflops))
 
     if args.baselines in ("all", "plain"):
         ws1 = _layout_overrides(1, 1, 0) + args.overrides
@@ -346,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baselines in ("all", "hf"):
         z3 = _layout_overrides(1, 1, 3) + args.overrides
         d = args.zero3_dp
-        ours3, hf, hf_ours = best_of([("ours", d, z3), ("hf", d, z3), ("hf-ourcfg", d, z3)], args.config, args)
+        variants = [("ours", d, z3 + [v]) for v in args.ours_variant]
+        ours3, hf, hf_ours, *ours_variants = best_of([("ours", d, z3), ("hf", d, z3), ("hf-ourcfg", d, z3)] + variants,
+                                                     args.config, args)
         print(describe(f"ours ZeRO-3 dp={d}", ours3, tokens, flops, args.peak_tflops))
         print(describe(f"baseline HF LlamaForCausalLM + DeepSpeed ZeRO-3 (DeepSpeed's defaults) dp={d}", hf, tokens,
                        flops, args.peak_tflops))
@@ -356,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ZeRO-3 throughput ratio (ours {tokens / ours3['step_s']:,.0f} tok/s / HF Llama + DeepSpeed defaults "
               f"{tokens / hf['step_s']:,.0f} tok/s): {ratio:.2f}x (target >= 1.2x: {'PASS' if ratio >= 1.2 else 'FAIL'}); "
               f"vs HF with our config: {hf_ours['step_s'] / ours3['step_s']:.2f}x")
+        for v, r in zip(args.ours_variant, ours_variants):
+            print(describe(f"ours ZeRO-3 dp={d} with {v}", r, tokens, flops, args.peak_tflops))
+            ratio = hf["step_s"] / r["step_s"]
+            print(f"ZeRO-3 throughput ratio with {v} (ours {tokens / r['step_s']:,.0f} tok/s / HF Llama + DeepSpeed "
+                  f"defaults {tokens / hf['step_s']:,.0f} tok/s): {ratio:.2f}x "
+                  f"(target >= 1.2x: {'PASS' if ratio >= 1.2 else 'FAIL'})")
     return 0
 
 

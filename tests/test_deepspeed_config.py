@@ -194,3 +194,14 @@ def test_megalm_train_refuses_a_conflict_before_any_process_group(tmp_path):
     assert ("megalm-train: config error: train.deepspeed_config.zero_optimization.stage=2 conflicts with "
             "parallel.zero_stage=1: set parallel.zero_stage instead") in res.output, res.output
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_grad_reduction_per_step_below_zero2_is_refused_naming_the_field(zero):
+    from megalm.config.run import load_run_config
+
+    with pytest.raises(ConfigError, match=rf"parallel.grad_reduction: per_step applies to zero_stage 2 and 3 "
+                                          rf"\(ZeRO {zero} reduces once per step already\)"):
+        load_run_config(TINY_RUN, ["parallel.grad_reduction=per_step", f"parallel.zero_stage={zero}"])
+    cfg = load_run_config(TINY_RUN, ["parallel.grad_reduction=per_step", "parallel.zero_stage=2"])
+    assert cfg.parallel.reduces_gradients_per_step and not cfg.parallel.holds_parameters_per_step

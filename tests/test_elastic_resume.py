@@ -115,11 +115,13 @@ def test_model_parallel_change_is_refused_with_the_reshard_command(dp4_checkpoin
     assert "Traceback" not in result.output
 
 
-def test_zero3_resume_at_the_same_layout_is_bitwise(rank_pool, shard, tmp_path):
-    """ZeRO-3 at (1,1,2,3): stopped after step 4 and resumed, the losses equal the uninterrupted run's
-    bit for bit (DeepSpeed's own loader at the saved layout; the elastic path is only for a dp change)."""
+@pytest.mark.parametrize("reduction", ["per_microbatch", "per_step"])
+def test_zero3_resume_at_the_same_layout_is_bitwise(rank_pool, shard, tmp_path, reduction):
+    """ZeRO-3 at (1,1,2,3), with DeepSpeed's prefetch and under both `parallel.grad_reduction` modes: stopped
+    after step 4 and resumed, the losses equal the uninterrupted run's bit for bit (DeepSpeed's own loader
+    at the saved layout; the elastic path is only for a dp change)."""
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
-    steps = ["train.train_steps=8"]
+    steps = ["train.train_steps=8", f"parallel.grad_reduction={reduction}"]
     _run(rank_pool, 2, _overrides(shard, whole, 1, 3) + steps)
     _run(rank_pool, 2, _overrides(shard, split, 1, 3) + steps, fault="stop@4")
     _run(rank_pool, 2, _overrides(shard, split, 1, 3) + steps, "auto")

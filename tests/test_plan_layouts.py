@@ -78,6 +78,31 @@ def test_zero3_pipeline_terms():
     assert mem(z1).buffers > mem(z2).buffers
 
 
+def test_gradients_reduced_per_step_terms():
+    """parallel.grad_reduction=per_step: the full gradients are held across the step (parameter dtype) and
+    reduce-scattered once: ZeRO-2 2(D-1)/D instead of (m+1)(D-1)/D, ZeRO-3 (2m+1)(D-1)/D instead of 3m(D-1)/D.
+    ZeRO-3 x PP gathering per step already reduces per step: the field changes nothing there."""
+    cfg = load_model_config("13b")
+    mem = lambda L: estimate_memory(cfg, L, 4096, 512, Hardware())  # noqa: E731
+    cost = lambda L: estimate_step_time(cfg, L, 4096, 512, Hardware()).dp_comm  # noqa: E731
+    for pp in (1, 4):
+        P = max(stage_parameters(cfg, 1, pp))
+        for zero in (2, 3):
+            micro = Layout(1, pp, 8, zero, 1, False, "per_microbatch")
+            step = dataclasses.replace(micro, grad_reduction="per_step")
+            m = micro.micro_batches(512)
+            assert mem(step).grads - mem(micro).grads == pytest.approx(2 * P, rel=1e-5)
+            passes = {2: (2, m + 1), 3: (2 * m + 1, 3 * m)}[zero]
+            assert cost(step) / cost(micro) == pytest.approx(passes[0] / passes[1])
+    held = Layout(1, 4, 8, 3, 1, False, "per_step")
+    assert held.reduces_per_step
+    assert mem(dataclasses.replace(held, grad_reduction="per_step")).total == mem(held).total
+    assert cost(dataclasses.replace(held, grad_reduction="per_step")) == cost(held)
+    modes = {(L.pipeline_reshard, L.grad_reduction) for L in enumerate_layouts(cfg, 32, 512) if L.pp > 1 and L.zero == 3}
+    assert modes == {("per_step", "per_microbatch"), ("per_microbatch", "per_microbatch"),
+                     ("per_microbatch", "per_step")}, modes
+
+
 def test_ranking_puts_fitting_layouts_first_and_bubble_counts():
     cfg = load_model_config("13b")
     cands = plan(cfg, 32, 512, 4096, Hardware(mem_gib=80))

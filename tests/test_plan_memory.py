@@ -47,28 +47,37 @@ PIPELINE_CASES = [
     ("125m", 64, 1, 4, 1, 2, 2, 3, False, 2, "per_step"),
     ("125m", 64, 1, 4, 1, 2, 2, 2, False, 2, "per_step"),
 ]
-CASES = [(*c, "per_step") for c in CASES] + PIPELINE_CASES
+# parallel.grad_reduction=per_step (full gradients held across the step's micro-batches): ZeRO-3 at pp=1
+# and ZeRO-2 x PP, 2 micro-batches per step
+GRAD_REDUCTION_CASES = [
+    ("tiny", 256, 4, 16, 1, 1, 2, 3, False, 2, "per_step", "per_step"),
+    ("tiny", 256, 4, 16, 1, 2, 2, 2, False, 2, "per_step", "per_step"),
+]
+CASES = ([(*c, "per_step", "per_microbatch") for c in CASES] + [(*c, "per_microbatch") for c in PIPELINE_CASES]
+         + GRAD_REDUCTION_CASES)
 
 
 def _case_id(c) -> str:
-    mode = "-mbgather" if c[10] == "per_microbatch" else ""
+    mode = ("-mbgather" if c[10] == "per_microbatch" else "") + ("-stepreduce" if c[11] == "per_step" else "")
     return f"{c[0]}-s{c[1]}-tp{c[4]}-pp{c[5]}-dp{c[6]}-z{c[7]}{mode}{'-ac' if c[8] else ''}"
 
 
-@pytest.mark.parametrize("model,seq,mb,gb,tp,pp,dp,zero,ac,steps,reshard", CASES, ids=[_case_id(c) for c in CASES])
-def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp, dp, zero, ac, steps, reshard):
+@pytest.mark.parametrize("model,seq,mb,gb,tp,pp,dp,zero,ac,steps,reshard,reduction", CASES,
+                         ids=[_case_id(c) for c in CASES])
+def test_predicted_peak_within_15_percent_of_measured(model, seq, mb, gb, tp, pp, dp, zero, ac, steps, reshard,
+                                                      reduction):
     overrides = [f"model={model}", f"data.seq_len={seq}", f"train.micro_batch_size={mb}",
                  f"train.global_batch_size={gb}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                  f"parallel.zero_stage={zero}", f"train.activation_checkpointing={str(ac).lower()}",
-                 f"parallel.pipeline_reshard={reshard}"]
+                 f"parallel.pipeline_reshard={reshard}", f"parallel.grad_reduction={reduction}"]
     # A fresh pool, not the session's shared `rank_pool`: state left by earlier tests (DeepSpeed buffers, freed
     # tensors allocated before the tracker started) would shift what the tracker sees.
     with RankPool(tp * pp * dp) as pool:
         results = pool.run(measure_training_peak, TINY_RUN, overrides, steps, timeout=300)
     measured = max(r["peak_bytes"] for r in results)
-    predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac, reshard), seq, gb,
+    predicted = estimate_memory(load_model_config(model), Layout(tp, pp, dp, zero, mb, ac, reshard, reduction), seq, gb,
                                 Hardware.cpu()).total
     err = predicted / measured - 1
-    print(f"memory tp{tp} pp{pp} dp{dp} z{zero} {reshard}{' ac' if ac else ''} {model} seq {seq}: predicted "
+    print(f"memory tp{tp} pp{pp} dp{dp} z{zero} {reshard} reduce {reduction}{' ac' if ac else ''} {model} seq {seq}: predicted "
           f"{predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB ({err:+.1%})")
     assert abs(err) <= TOLERANCE, f"predicted {predicted / 2**20:.1f} MiB vs measured {measured / 2**20:.1f} MiB ({err:+.1%})"

@@ -94,3 +94,18 @@ def test_tied_embedding_across_first_and_last_stage(rank_pool, shard, tied_basel
     losses = _run(rank_pool, tp * pp * dp, tp, pp, zero, shard, str(tmp_path / "run"),
                           extra=["model.tie_embeddings=true"])
     _assert_same_curve(losses, tied_baseline)
+
+
+# parallel.grad_reduction=per_step: ZeRO-2/3 reduce-scatter once per step (DeepSpeed's coalesce_grad_reduction)
+# at pp=1 and under our pipeline schedule (ZeRO-2, and ZeRO-3 gathering per micro-batch)
+GRAD_REDUCTION_LAYOUTS = [(1, 1, 2, 2, "per_step"), (1, 1, 2, 3, "per_step"), (1, 2, 2, 2, "per_step"),
+                          (1, 2, 2, 3, "per_microbatch")]
+
+
+@pytest.mark.parametrize("tp,pp,dp,zero,gather", GRAD_REDUCTION_LAYOUTS,
+                         ids=[f"reduce-per-step-tp{t}-pp{p}-dp{d}-z{z}" for t, p, d, z, _ in GRAD_REDUCTION_LAYOUTS])
+def test_gradients_reduced_once_per_step_match_single_process(rank_pool, shard, baseline, tmp_path, tp, pp, dp,
+                                                              zero, gather):
+    losses = _run(rank_pool, tp * pp * dp, tp, pp, zero, shard, str(tmp_path / "run"),
+                  extra=["parallel.grad_reduction=per_step", f"parallel.pipeline_reshard={gather}"])
+    _assert_same_curve(losses, baseline)

@@ -71,9 +71,24 @@ def why_first(cands: list[Candidate], global_batch: int) -> str:
     return "\n".join(lines)
 
 
+def _step_reduce(L: Layout) -> bool:
+    return L.grad_reduction == "per_step" and not L.gathers_per_step  # shown only where it is a choice
+
+
+def _zero_mark(L: Layout) -> str:
+    """ZeRO stage with its modes: m = gathered per micro-batch, r = gradients reduced once per step."""
+    return f"{L.zero}{'m' if L.gathers_per_microbatch else ''}{'r' if _step_reduce(L) else ''}"
+
+
+def _zero_words(L: Layout) -> str:
+    words = (["gathered per micro-batch"] if L.gathers_per_microbatch else []) + (
+        ["gradients reduced per step"] if _step_reduce(L) else [])
+    return f" ({', '.join(words)})" if words else ""
+
+
 def _row(c: Candidate) -> str:
     m, t, L = c.memory, c.time, c.layout
-    zero = f"{L.zero}{'m' if L.gathers_per_microbatch else ''}"
+    zero = _zero_mark(L)
     return (f"{L.tp:>3} {L.pp:>3} {L.dp:>4} {zero:>4} {L.micro_batch:>3} {'yes' if L.checkpointing else 'no':>3} | "
             f"{m.params / GIB:7.1f} {m.grads / GIB:6.1f} {m.optimizer / GIB:6.1f} {m.activations / GIB:6.1f} "
             f"{m.buffers / GIB:6.1f} {m.total / GIB:7.1f} {'fits' if c.fits else 'NO':>5} | "
@@ -97,7 +112,7 @@ def table(models: list[str], gpu_counts: list[int], global_batch: int, seq_len: 
                 continue
             c = cands[0]
             L = c.layout
-            zero = f"{L.zero} (gathered per micro-batch)" if L.gathers_per_microbatch else str(L.zero)
+            zero = f"{L.zero}{_zero_words(L)}"
             lines.append(f"| {name} | {gpus} | {L.tp} | {L.pp} | {L.dp} | {zero} | {L.micro_batch} | "
                          f"{'yes' if L.checkpointing else 'no'} | {c.memory.total / GIB:.1f} | {c.time.total:.1f} | "
                          f"{global_batch * seq_len / c.time.total / gpus:,.0f} |")
@@ -149,7 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"inter-node {args.inter_node_gbps:g} GB/s per GPU; memory incl. {hw.reserve_gib:g} GiB reserve + "
           f"{hw.fragmentation:.0%} fragmentation")
     print(f"{len(cands)} valid layouts, {len(fitting)} fit in {args.gpu_mem_gib:g} GiB; top {min(args.top, len(fitting))}"
-          f" by predicted step time (memory in GiB per GPU, worst pipeline stage):")
+          f" by predicted step time (memory in GiB per GPU, worst pipeline stage; zero 3m: gathered per "
+          f"micro-batch, 2r/3r: gradients reduced once per step):")
     print(HEADER)
     for c in fitting[: args.top]:
         print(_row(c))

@@ -12,7 +12,8 @@
                 come) plus the all-gather of the updated parameters, (m+1)(D-1)/D;
                 ZeRO-3: per micro-batch two parameter all-gathers (forward, backward) and a reduce-scatter,
                 3m(D-1)/D; ZeRO-3 x PP with `pipeline_reshard=per_step`: one all-gather of the stage and one
-                reduce-scatter per step, 2(D-1)/D (torchtitan's FSDP2 x PP rule; counted in bench/RESULTS.md).
+                reduce-scatter per step, 2(D-1)/D (torchtitan's FSDP2 x PP rule; counted in bench/RESULTS.md);
+                `grad_reduction=per_step` reduce-scatters once per step: ZeRO-2 2(D-1)/D, ZeRO-3 (2m+1)(D-1)/D.
 A higher micro batch lowers per-kernel overhead, modelled as a matmul efficiency factor mb/(mb + 0.5).
 """
 from __future__ import annotations
@@ -62,7 +63,12 @@ def estimate_step_time(cfg: ModelConfig, layout: Layout, seq_len: int, global_ba
     if D > 1:
         P = max(stage_parameters(cfg, tp, pp))
         bw = hw.intra_node_gbps if layout.gpus <= hw.gpus_per_node else hw.inter_node_gbps
-        passes = 2 if layout.gathers_per_step else {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
+        if layout.gathers_per_step:
+            passes = 2
+        elif layout.reduces_per_step:
+            passes = {2: 2, 3: 2 * m + 1}[layout.zero]
+        else:
+            passes = {0: 2, 1: 2, 2: m + 1, 3: 3 * m}[layout.zero]
         volume = passes * (D - 1) / D * P * act_bytes
         dp_comm = volume / (bw * 1e9)
     return StepTime(compute, bubble, tp_comm, pp_comm, dp_comm)

@@ -25,6 +25,9 @@ class Layout:
     # ZeRO-3 with pp > 1 only (`parallel.pipeline_reshard`): "per_step" gathers a stage once per step,
     # "per_microbatch" on every use; anything else ignores it.
     pipeline_reshard: str = "per_step"
+    # ZeRO-2/3 (`parallel.grad_reduction`): "per_step" reduce-scatters the accumulated full gradients once
+    # per step instead of in every micro-batch's backward.
+    grad_reduction: str = "per_microbatch"
 
     @property
     def stage_engine(self) -> bool:
@@ -35,6 +38,11 @@ class Layout:
     def gathers_per_step(self) -> bool:
         """ZeRO-3 x PP with `per_step`: a stage gathered once per step, its gradients reduced once."""
         return self.zero == 3 and self.stage_engine and self.pipeline_reshard == "per_step"
+
+    @property
+    def reduces_per_step(self) -> bool:
+        """ZeRO-2/3 gradients reduce-scattered once per step (full gradients held across the micro-batches)."""
+        return self.zero >= 2 and (self.grad_reduction == "per_step" or self.gathers_per_step)
 
     @property
     def gathers_per_microbatch(self) -> bool:
@@ -49,8 +57,9 @@ class Layout:
         return global_batch // (self.micro_batch * self.dp)
 
     def short(self) -> str:
-        return (f"tp{self.tp} pp{self.pp} dp{self.dp} z{self.zero}{'/mb-gather' if self.gathers_per_microbatch else ''}"
-                f" mb{self.micro_batch}{' ac' if self.checkpointing else ''}")
+        modes = ("/mb-gather" if self.gathers_per_microbatch else "") + (
+            "/step-reduce" if self.grad_reduction == "per_step" and not self.gathers_per_step else "")
+        return f"tp{self.tp} pp{self.pp} dp{self.dp} z{self.zero}{modes} mb{self.micro_batch}{' ac' if self.checkpointing else ''}"
 
 
 def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_per_node: int = 8,
@@ -62,7 +71,8 @@ def layout_problem(model: ModelConfig, layout: Layout, global_batch: int, gpus_p
         model.check_layout(layout.tp, layout.pp)
         # through the loader's from_dict, so its field types (pipeline_reshard's choices) are checked too
         from_dict(ParallelConfig, {"tp": layout.tp, "pp": layout.pp, "zero_stage": layout.zero,
-                                   "pipeline_reshard": layout.pipeline_reshard}, "parallel").validate()
+                                   "pipeline_reshard": layout.pipeline_reshard,
+                                   "grad_reduction": layout.grad_reduction}, "parallel").validate()
         batch = TrainConfig(micro_batch_size=layout.micro_batch, global_batch_size=global_batch)
         batch.gradient_accumulation_steps(layout.dp)
         check_precision(precision, layout.zero, layout.pp)
@@ -83,7 +93,8 @@ def enumerate_layouts(model: ModelConfig, gpus: int, global_batch: int, gpus_per
                       max_micro_batch: int = 16, precision: str = "bf16") -> Iterator[Layout]:
     """Every valid layout using exactly `gpus` GPUs. At dp=1 ZeRO partitions nothing: only the stage the
     precision needs is listed there (1 for bf16, else 0); micro batches are powers of two. ZeRO-3 with
-    pp > 1 is listed under both `parallel.pipeline_reshard` modes."""
+    pp > 1 is listed under both `parallel.pipeline_reshard` modes, ZeRO-2/3 under both
+    `parallel.grad_reduction` modes (once: ZeRO-3 x PP gathering per step reduces per step)."""
     for tp in _powers_of_two(min(gpus_per_node, gpus)):
         for pp in range(1, model.num_layers + 1):
             if gpus % (tp * pp):
@@ -92,10 +103,14 @@ def enumerate_layouts(model: ModelConfig, gpus: int, global_batch: int, gpus_per
             for zero in (0, 1, 2, 3):
                 if dp == 1 and zero != (1 if precision == "bf16" else 0):
                     continue
-                modes = ("per_step", "per_microbatch") if pp > 1 and zero == 3 else ("per_step",)
+                gathers = ("per_step", "per_microbatch") if pp > 1 and zero == 3 else ("per_step",)
+                reductions = ("per_microbatch", "per_step") if zero >= 2 else ("per_microbatch",)
+                modes = [(g, r) for g in gathers for r in reductions
+                         # ZeRO-3 x PP gathering per step reduces per step already: one entry, not two
+                         if not (r == "per_step" and pp > 1 and zero == 3 and g == "per_step")]
                 for mb in _powers_of_two(min(max_micro_batch, max(1, global_batch // dp))):
                     for ac in (False, True):
-                        for mode in modes:
-                            layout = Layout(tp, pp, dp, zero, mb, ac, mode)
+                        for gather, reduction in modes:
+                            layout = Layout(tp, pp, dp, zero, mb, ac, gather, reduction)
                             if layout_problem(model, layout, global_batch, gpus_per_node, precision) is None:
                                 yield layout

@@ -38,6 +38,7 @@ ZeRO-2/3 x PP (one DeepSpeedEngine per stage, `megalm.training.stage_engine`): t
 stage's P, one bucket. ZeRO-3 `pipeline_reshard=per_step` adds the stage's full gradients (param dtype),
 which accumulate across the step's micro-batches before its single reduce-scatter; `per_microbatch`
 reduces them every backward, as at pp=1. Both keep the gathered parameters (the max-live rule above).
+`parallel.grad_reduction=per_step` (ZeRO-2/3, any pp) adds the same full gradients.
 Validated (tests/test_plan_memory.py) on 125m at (1,2,2,2) and (1,2,2,3) `per_step`, and on the tiny
 model at (1,2,2,3) `per_microbatch`; 125m `per_microbatch` is reported in bench/RESULTS.md, not tested.
 """
@@ -145,9 +146,10 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch
         else:
             persistent_grads = {0: 6 * P, 1: 2 * P + 4 * P / D, 2: 8 * P / D, 3: 4 * P / D}[z]
             step_grads = 0.0
-        if layout.gathers_per_step:
-            # parallel.pipeline_reshard=per_step: the full gradients accumulate on the gathered parameters
-            # (in their dtype) from the step's first backward to the one reduce-scatter at its end.
+        if layout.reduces_per_step:
+            # parallel.grad_reduction=per_step (implied by ZeRO-3 x PP pipeline_reshard=per_step): the full
+            # gradients accumulate on the parameters (in their dtype) from the step's first backward to
+            # the one reduce-scatter at its end.
             persistent_grads += pbytes * P
         e.grads = persistent_grads
         # ---- optimizer state (+ foreach AdamW's temporary at step time)

@@ -40,10 +40,12 @@ def build_deepspeed_config(cfg: RunConfig, dp: int) -> dict:
         ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if zero >= 2:
         ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
-    if zero == 3:
-        # Every parameter partitioned and gathered on use, no prefetch: what the planner's memory model
-        # and the ZeRO-3 measurements assume. (DeepSpeed's defaults, which keep parameters under 1e5
-        # elements whole and prefetch, are the next tuning step: issue 11, bench/train.py measures both.)
+    if zero == 3 and cfg.parallel.pp > 1:
+        # ZeRO-3 x PP (one engine per stage, our 1F1B): every parameter partitioned and gathered on use, no
+        # prefetch. ZeRO-3's trace-based prefetch assumes one forward then one backward per step, which
+        # 1F1B's interleaving breaks (DeepSpeed #6870, #5033; DESIGN decision 49). At pp=1 DeepSpeed's
+        # defaults stand (parameters under 1e5 elements kept whole, 5e7-element prefetch): 1.4x faster on
+        # 125m than without them (bench/RESULTS.md), bitwise resume unchanged (test_elastic_resume).
         ds["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if t.precision == "bf16":
         # Under pipeline parallelism gradients must accumulate in fp32 (DESIGN decision 5).

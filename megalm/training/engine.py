@@ -30,6 +30,7 @@ from megalm.parallel.device import reduce_scalars, run_device
 from megalm.parallel.grid import ProcessGrid
 
 from .deepspeed_config import build_deepspeed_config
+from .once_per_step import OncePerStep
 from .optimizer import build_optimizer
 from .pipeline_schedule import PipelineLoss, StageSchedule
 from .precision import check_parameter_dtypes
@@ -48,6 +49,7 @@ class Engine:
     device: torch.device
     pipeline_loss: PipelineLoss | None = None
     stage: StageSchedule | None = None  # ZeRO-2/3 x PP: our schedule drives a per-stage engine
+    once_per_step: OncePerStep | None = None  # pp=1, parallel.grad_reduction=per_step
     last_update_skipped: bool = False  # DeepSpeed skipped the last step's update (fp16 overflow)
 
     # ---- one optimiser step over `micro_batches` (gradient accumulation inside) ----
@@ -71,13 +73,19 @@ class Engine:
             return float(loss)
         model = self.ds.module
         total = torch.zeros((), device=self.device)
+        if self.once_per_step is not None:
+            self.once_per_step.begin()
         for input_ids, labels in self._on_device(micro_batches):
             loss = model.loss(self.ds(input_ids), labels, per_micro_batch)
             if poison:
                 loss = loss * float("nan")
             self.ds.backward(loss)  # DeepSpeed divides by the accumulation steps
-            self.ds.step()  # applies the update only at the accumulation boundary
+            if self.once_per_step is None:
+                self.ds.step()  # applies the update only at the accumulation boundary
             total += loss.detach().float()
+        if self.once_per_step is not None:
+            self.once_per_step.end()  # the step's one reduce-scatter
+            self.once_per_step.update()
         return self._dp_mean(total / len(micro_batches))
 
     @torch.no_grad()
@@ -176,4 +184,5 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid, device: torch.device | None 
     optimizer = build_optimizer(model, cfg.train, cfg.parallel.zero_stage, grid)
     ds, _, _, _ = deepspeed.initialize(args=ds_args, model=model, optimizer=optimizer, mpu=grid.mpu,
                                        lr_scheduler=schedule, config=ds_config)
-    return Engine(ds, cfg, grid, is_pipeline=False, device=device)
+    once_per_step = OncePerStep(ds, hold_parameters=False) if cfg.parallel.reduces_gradients_per_step else None
+    return Engine(ds, cfg, grid, is_pipeline=False, device=device, once_per_step=once_per_step)

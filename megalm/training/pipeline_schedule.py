@@ -24,6 +24,8 @@ from megalm.model.pipeline import pipeline_loss_fn
 from megalm.parallel.grid import ProcessGrid
 from megalm.parallel.p2p import StagePeers, exchange
 
+from .once_per_step import OncePerStep
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -40,61 +42,16 @@ class PipelineLoss:
         return loss * float("nan") if self.poison else loss
 
 
-class OncePerStep:
-    """ZeRO-3, `parallel.pipeline_reshard=per_step`: one all-gather and one reduce-scatter per stage per
-    optimizer step, as torchtitan's FSDP2 under PP (parameters unsharded across the micro-batches,
-    gradients reduced at the last one).
-
-    Parameters: ZeRO-3 releases (re-partitions) a parameter after a module's forward or backward once no
-    module uses it, i.e. when its `ds_active_sub_modules` set is empty. A marker held in that set for
-    the step keeps every parameter gathered from its first use to the last backward. Gradients: inside
-    DeepSpeed's `engine.coalesce_grad_reduction()` each backward accumulates the full gradients on the
-    (gathered) parameters and leaving it reduce-scatters them once. Then the marker goes and
-    `release_and_reset_all` re-partitions, before the update writes the new partitions; the update is
-    `step()` at a boundary we set (inside the block DeepSpeed refuses `step()`, so the micro-steps are
-    not counted one by one). Costs the stage's full parameters and gradients in memory during the step."""
-
-    _HELD = -1  # not a module id (DeepSpeed numbers modules from 0)
-
-    def __init__(self, ds):
-        self.ds = ds
-        self._coalescing = None
-        # DeepSpeed internals this relies on (deepspeed==0.19.8): refuse early, naming them, if they moved.
-        for owner, name in ((ds, "coalesce_grad_reduction"), (ds.optimizer, "_get_param_coordinator")):
-            if not callable(getattr(owner, name, None)):
-                raise RuntimeError(f"parallel.pipeline_reshard=per_step needs {type(owner).__name__}.{name} "
-                                   "(deepspeed==0.19.8); set parallel.pipeline_reshard=per_microbatch or "
-                                   "install that DeepSpeed version")
-
-    def begin(self) -> None:
-        for p in self.ds.module.parameters():
-            p.ds_active_sub_modules.add(self._HELD)
-        self._coalescing = self.ds.coalesce_grad_reduction()
-        self._coalescing.__enter__()
-
-    def end(self) -> None:
-        """After the step's last backward: reduce the gradients, release the parameters."""
-        self._coalescing.__exit__(None, None, None)
-        self._coalescing = None
-        for p in self.ds.module.parameters():
-            p.ds_active_sub_modules.discard(self._HELD)
-        self.ds.optimizer._get_param_coordinator().release_and_reset_all(self.ds.module)
-
-    def update(self) -> None:
-        self.ds.set_gradient_accumulation_boundary(True)
-        self.ds.step()
-        self.ds.set_gradient_accumulation_boundary(False)
-
-
 class StageSchedule:
     """Runs one step (train: 1F1B; eval: forwards only) of this rank's stage."""
 
     def __init__(self, ds, grid: ProcessGrid, loss_fn: Callable, hidden_size: int, act_dtype: torch.dtype,
-                 device: torch.device, before_update: Callable[[], None], once_per_step: bool = False):
+                 device: torch.device, before_update: Callable[[], None],
+                 once_per_step: Optional[OncePerStep] = None):
         self.ds, self.grid, self.loss_fn = ds, grid, loss_fn
         self.hidden_size, self.act_dtype, self.device = hidden_size, act_dtype, device
         self.before_update = before_update
-        self.once_per_step = OncePerStep(ds) if once_per_step else None
+        self.once_per_step = once_per_step
         self.peers = StagePeers.of(grid.pp_ranks, grid.pp_rank)
 
     # ---- one micro-batch ----

@@ -37,6 +37,7 @@ from megalm.parallel.device import gather_objects, reduce_scalars, reduce_tensor
 from megalm.parallel.grid import ProcessGrid
 from megalm.parallel.init import initialise_zero3_partitions
 
+from .once_per_step import OncePerStep
 from .optimizer import build_optimizer
 from .pipeline_schedule import PipelineLoss, StageSchedule
 from .precision import check_parameter_dtypes, parameter_dtype
@@ -161,7 +162,8 @@ def build_stage_engine(cfg: RunConfig, grid: ProcessGrid, ds_config: dict, ds_ar
         if tied:
             reduce_tied_gradients(pipe)
 
-    once_per_step = cfg.parallel.zero_stage == 3 and cfg.parallel.pipeline_reshard == "per_step"
+    par = cfg.parallel
+    once_per_step = OncePerStep(ds, par.holds_parameters_per_step) if par.reduces_gradients_per_step else None
     schedule = StageSchedule(ds, grid, loss, cfg.model.hidden_size, parameter_dtype(cfg.train.precision),
                              device, before_update, once_per_step)
     return ds, schedule, loss
