@@ -30,7 +30,7 @@ def baseline(rank_pool, shard, tmp_path_factory):
 LAYOUTS = [  # (tp, pp, dp, zero)
     (1, 1, 2, 1), (1, 1, 2, 2), (1, 1, 2, 3), (2, 1, 1, 0), (2, 1, 2, 3),
     (1, 2, 1, 0), (1, 2, 2, 1), (2, 2, 2, 1),
-    # ZeRO-3 over one-rank DP groups (megalm.training.zero3_single_rank skips the reduce-scatter)
+    # ZeRO-3 over one-rank DP groups (megalm.training.zero3_reduce_scatter skips the reduce-scatter)
     (2, 1, 1, 3), (1, 2, 1, 3),
 ]
 

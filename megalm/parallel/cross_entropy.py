@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
 from .comm import group_rank, group_size
@@ -84,4 +85,10 @@ def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, labels: torch.Tenso
     """Per-token loss [*labels.shape] (fp32) for logits sharded on the last dim over `tp_group`
     (rank r holds vocab ids [r*V/tp, (r+1)*V/tp)). Equals F.cross_entropy(gathered, labels,
     reduction="none", ignore_index=ignore_index)."""
+    if group_size(tp_group) == 1:
+        # The whole vocabulary is here: torch's fused log-softmax + NLL is that very function, and faster
+        # than the sharded formulation (CPU, one thread, 4 x 128 tokens x 8192 vocabulary: 14.9 vs 19.1 ms
+        # per forward + backward, 2026-12-04). -inf padding columns get probability 0 either way.
+        return F.cross_entropy(logits_shard.float().flatten(0, -2), labels.flatten(), ignore_index=ignore_index,
+                               reduction="none").view(labels.shape)
     return _VocabParallelCrossEntropy.apply(logits_shard, labels, tp_group, ignore_index)

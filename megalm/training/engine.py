@@ -36,7 +36,7 @@ from .pipeline_schedule import PipelineLoss, StageSchedule
 from .precision import check_parameter_dtypes
 from .schedule import build_scheduler
 from .stage_engine import build_stage_engine, pipeline_mean
-from .zero3_single_rank import skip_single_rank_reduce_scatter
+from .zero3_reduce_scatter import install_zero3_reduce_scatter
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -150,7 +150,7 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid, device: torch.device | None 
     device = device or run_device()
     ds_config = build_deepspeed_config(cfg, grid.dp)
     if cfg.parallel.zero_stage == 3:
-        skip_single_rank_reduce_scatter()
+        install_zero3_reduce_scatter()
     # DeepSpeed places the model on cuda:LOCAL_RANK unless told otherwise; several ranks sharing one GPU
     # (gloo, the GPU check) need the device `select_device` chose.
     ds_args = argparse.Namespace(device_rank=device.index) if device.type != "cpu" else None
