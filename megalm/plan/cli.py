@@ -71,18 +71,14 @@ def why_first(cands: list[Candidate], global_batch: int) -> str:
     return "\n".join(lines)
 
 
-def _step_reduce(L: Layout) -> bool:
-    return L.grad_reduction == "per_step" and not L.gathers_per_step  # shown only where it is a choice
-
-
 def _zero_mark(L: Layout) -> str:
     """ZeRO stage with its modes: m = gathered per micro-batch, r = gradients reduced once per step."""
-    return f"{L.zero}{'m' if L.gathers_per_microbatch else ''}{'r' if _step_reduce(L) else ''}"
+    return f"{L.zero}{'m' if L.gathers_per_microbatch else ''}{'r' if L.chooses_step_reduction else ''}"
 
 
 def _zero_words(L: Layout) -> str:
     words = (["gathered per micro-batch"] if L.gathers_per_microbatch else []) + (
-        ["gradients reduced per step"] if _step_reduce(L) else [])
+        ["gradients reduced per step"] if L.chooses_step_reduction else [])
     return f" ({', '.join(words)})" if words else ""
 
 

@@ -37,12 +37,24 @@ class Layout:
     @property
     def gathers_per_step(self) -> bool:
         """ZeRO-3 x PP with `per_step`: a stage gathered once per step, its gradients reduced once."""
-        return self.zero == 3 and self.stage_engine and self.pipeline_reshard == "per_step"
+        return self.parallel.holds_parameters_per_step
 
     @property
     def reduces_per_step(self) -> bool:
         """ZeRO-2/3 gradients reduce-scattered once per step (full gradients held across the micro-batches)."""
-        return self.zero >= 2 and (self.grad_reduction == "per_step" or self.gathers_per_step)
+        return self.parallel.reduces_gradients_per_step
+
+    @property
+    def chooses_step_reduction(self) -> bool:
+        """`grad_reduction=per_step` where it is a choice (ZeRO-3 x PP gathering per step implies it)."""
+        return self.grad_reduction == "per_step" and not self.gathers_per_step
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        """The run config's parallel section for this layout: its properties are the one definition of
+        which layouts gather and reduce once per step (the engine builders read the same ones)."""
+        return ParallelConfig(tp=self.tp, pp=self.pp, zero_stage=self.zero, pipeline_reshard=self.pipeline_reshard,
+                              grad_reduction=self.grad_reduction)
 
     @property
     def gathers_per_microbatch(self) -> bool:
@@ -58,7 +70,7 @@ class Layout:
 
     def short(self) -> str:
         modes = ("/mb-gather" if self.gathers_per_microbatch else "") + (
-            "/step-reduce" if self.grad_reduction == "per_step" and not self.gathers_per_step else "")
+            "/step-reduce" if self.chooses_step_reduction else "")
         return f"tp{self.tp} pp{self.pp} dp{self.dp} z{self.zero}{modes} mb{self.micro_batch}{' ac' if self.checkpointing else ''}"
 
 
