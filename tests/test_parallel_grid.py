@@ -102,3 +102,32 @@ def test_real_groups_on_4_ranks(rank_pool):
             assert mpu["src"] == got["tp"][0]
             assert mpu["groups_are_grids"]
     assert all("world size 4 is not divisible by tensor_parallel (3)" in r["error"] for r in results)
+
+
+def _groups_left_by_training(shard: str, run_dir: str) -> list[tuple[str, int, int]]:
+    """Train 2 steps at each layout on this pool rank; the live non-default groups before and after."""
+    from megalm.parallel.grid import live_process_groups
+    from tests.train_fixtures import train_on_rank
+
+    out = []
+    for name, layout in (("PipelineEngine pp2 ZeRO-1", ["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"]),
+                         ("stage engines pp2 ZeRO-3", ["parallel.pp=2", "parallel.zero_stage=3"]),
+                         ("ZeRO-3 pp1", ["parallel.tp=2", "parallel.zero_stage=3"])):
+        before = len(live_process_groups())
+        assert train_on_rank([f"data.train_paths=[{shard}]", f"train.run_dir={run_dir}/{len(out)}",
+                              "train.train_steps=2", *layout]) == 0
+        out.append((name, before, len(live_process_groups())))
+    return out
+
+
+def test_training_leaves_no_process_group_behind(rank_pool, tmp_path):
+    """train() ends by destroying its grid, and with it every group DeepSpeed built on it (its pipeline
+    grid, p2p and world-clone groups), so a long-lived process can train again without leaking gloo
+    threads or NCCL communicators."""
+    from tests.train_fixtures import write_synthetic_shard
+
+    shard = write_synthetic_shard(str(tmp_path / "tokens"))
+    for rank, per_layout in enumerate(rank_pool(4).run(_groups_left_by_training, shard, str(tmp_path / "runs"),
+                                                       timeout=300)):
+        for name, before, after in per_layout:
+            assert (before, after) == (0, 0), f"rank {rank}, {name}: {before} groups before, {after} after"

@@ -15,6 +15,7 @@ ranks holding one replica, as in DeepSpeed's own `PipelineParallelGrid`), TP lay
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -163,19 +164,28 @@ class ModelParallelUnit:
 
 
 _GRID: Optional[ProcessGrid] = None
-_OWNED_GROUPS: list[ProcessGroup] = []
+_GROUPS_BEFORE_GRID: frozenset[ProcessGroup] = frozenset()
+
+
+def live_process_groups() -> list[ProcessGroup]:
+    """Every process group this rank is a member of, but the default one. torch has no public registry:
+    this reads `distributed_c10d._world.pg_map` (tests/test_parallel_grid.py checks it still works)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return [g for g in list(c10d._world.pg_map) if g is not c10d.GroupMember.WORLD]
 
 
 def initialize_process_grid(tp: int, pp: int, backend: str | None = None) -> ProcessGrid:
     """Build the grid on the already-initialised default group. Every rank must call this (group
     creation is collective). `backend` defaults to the default group's."""
-    global _GRID
+    global _GRID, _GROUPS_BEFORE_GRID
     if not dist.is_initialized():
         raise RuntimeError("initialize_process_grid: torch.distributed is not initialised; call "
                            "torch.distributed.init_process_group first (the training entry point does)")
     if _GRID is not None:
         raise RuntimeError("initialize_process_grid: a grid already exists; call destroy_process_grid() first")
     world, rank = dist.get_world_size(), dist.get_rank()
+    _GROUPS_BEFORE_GRID = frozenset(live_process_groups())
     lists = grid_rank_lists(world, tp, pp)
     mine: dict[str, tuple[list[int], ProcessGroup]] = {}
     for axis in AXES:
@@ -184,7 +194,6 @@ def initialize_process_grid(tp: int, pp: int, backend: str | None = None) -> Pro
             group = dist.new_group(ranks=ranks, backend=backend)
             if rank in ranks:
                 mine[axis] = (ranks, group)
-                _OWNED_GROUPS.append(group)
     dp = world // (tp * pp)
     _GRID = ProcessGrid(
         tp=tp, dp=dp, pp=pp, rank=rank,
@@ -206,12 +215,27 @@ def is_grid_initialized() -> bool:
 
 
 def destroy_process_grid() -> None:
-    """Destroy the grid's groups (not the default group), so a new grid can be built in this process."""
-    global _GRID
-    for group in _OWNED_GROUPS:
+    """Destroy the grid's groups and every other group built while it lived, not the default group, so a
+    new grid can be built in this process. The others are the engines': DeepSpeed's pipeline-grid and
+    p2p groups (built anew for every pipeline engine, never freed by DeepSpeed) and its world clone.
+    Left alive, each gloo group keeps two worker threads and a polling loop (a long-lived test worker
+    held 76 groups halfway through the suite); each NCCL group keeps its communicator's GPU memory."""
+    global _GRID, _GROUPS_BEFORE_GRID
+    destroy_process_groups([g for g in live_process_groups() if g not in _GROUPS_BEFORE_GRID])
+    _GROUPS_BEFORE_GRID = frozenset()
+    _GRID = None
+
+
+def destroy_process_groups(groups: list[ProcessGroup]) -> None:
+    """Destroy these (non-default) groups on this rank."""
+    ds_comm = sys.modules.get("deepspeed.comm")
+    for group in groups:
         try:
-            dist.destroy_process_group(group)
+            if ds_comm is not None and ds_comm.is_initialized():
+                # DeepSpeed's teardown also drops its cached references (its world clone, ZeRO's groups),
+                # so the next engine in this process builds fresh ones instead of using a destroyed group.
+                ds_comm.destroy_process_group(group)
+            else:
+                dist.destroy_process_group(group)
         except (ValueError, RuntimeError):  # already gone with the default group
             pass
-    _OWNED_GROUPS.clear()
-    _GRID = None

@@ -56,10 +56,21 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, stack_file: s
                 results.put(("ok", rank, (task_id, out)))
             except BaseException:
                 results.put(("error", rank, (task_id, traceback.format_exc())))
+            _destroy_leftover_groups()
         try:
             dist.destroy_process_group()
         except Exception:
             pass
+
+
+def _destroy_leftover_groups() -> None:
+    """Each task starts with only the default group: a group a task left behind (a failed test's grid,
+    a model built outside one) would keep its gloo threads polling for the rest of the session and slow
+    every later test. The product's own teardown is tested separately (test_parallel_grid.py)."""
+    from megalm.parallel.grid import destroy_process_groups, is_grid_initialized, live_process_groups
+
+    if not is_grid_initialized():
+        destroy_process_groups(live_process_groups())
 
 
 class RankPool:
