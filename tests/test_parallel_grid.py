@@ -122,8 +122,8 @@ def _groups_left_by_training(shard: str, run_dir: str) -> list[tuple[str, int, i
 
 def test_training_leaves_no_process_group_behind(rank_pool, tmp_path):
     """train() ends by destroying its grid, and with it every group DeepSpeed built on it (its pipeline
-    grid, p2p and world-clone groups), so a long-lived process can train again without leaking gloo
-    threads or NCCL communicators."""
+    grid, p2p and world-clone groups): none stays registered. (A ZeRO-3 engine's groups still live on
+    while DeepSpeed's reference cycles keep that engine alive: DESIGN decision 52.)"""
     from tests.train_fixtures import write_synthetic_shard
 
     shard = write_synthetic_shard(str(tmp_path / "tokens"))

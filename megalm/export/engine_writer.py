@@ -47,7 +47,9 @@ def save_in_engine(state_file: str, cfg: RunConfig, meta: dict, weights_only: bo
         del state
         train_state = ckpt.TrainState(step=int(src["step"]), consumed_samples=int(src["consumed_samples"]),
                                       skipped_steps=int(src.get("skipped_steps", 0)))
-        return ckpt.save_checkpoint(engine.ds, cfg.train.run_dir, train_state, meta, keep_last=10**9)
+        written = ckpt.save_checkpoint(engine.ds, cfg.train.run_dir, train_state, meta, keep_last=10**9)
+        engine.close()
+        return written
     finally:
         destroy_process_grid()
 

@@ -222,8 +222,25 @@ def destroy_process_grid() -> None:
     held 76 groups halfway through the suite); each NCCL group keeps its communicator's GPU memory."""
     global _GRID, _GROUPS_BEFORE_GRID
     destroy_process_groups([g for g in live_process_groups() if g not in _GROUPS_BEFORE_GRID])
+    _release_deepspeed_references()
     _GROUPS_BEFORE_GRID = frozenset()
     _GRID = None
+
+
+def _release_deepspeed_references() -> None:
+    """Drop what DeepSpeed's modules still hold of the finished run (deepspeed==0.19.8): `groups.mpu`
+    (our grid's mpu), the pipeline p2p module's grid and groups, and ZeRO-3's forward-module stack
+    (which still held the top module after a step: GPTModel, a pipeline StageModule). Destroyed groups
+    stay alive, threads and all, while anything references them, and the stack kept a whole model."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None and isinstance(getattr(groups, "mpu", None), ModelParallelUnit):
+        groups.mpu = None
+    p2p = sys.modules.get("deepspeed.runtime.pipe.p2p")
+    if p2p is not None:
+        p2p._grid = p2p._groups = None
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    if offload is not None and isinstance(getattr(offload, "FWD_MODULE_STACK", None), list):
+        offload.FWD_MODULE_STACK.clear()
 
 
 def destroy_process_groups(groups: list[ProcessGroup]) -> None:

@@ -76,6 +76,7 @@ def measure_training_peak(config: str, overrides: list[str], steps: int = 2) -> 
         g = torch.Generator().manual_seed(grid.dp_rank)
         for _ in range(steps):
             engine.train_step(synthetic_micro_batches(cfg, accum, g))
+        engine.close()
         del engine
     destroy_process_grid()
     return {"peak_bytes": tracker.peak}

@@ -230,5 +230,6 @@ def _train(cfg: RunConfig, launch: LaunchEnv, resume: Optional[str], stack_dump:
     heartbeat.beat(state.step)
     logger.close()
     dist.barrier()
+    engine.close()
     destroy_process_grid()
     return exit_code
