@@ -13,8 +13,8 @@ if REPO not in sys.path:
 from tests.harness import RankPool  # noqa: E402
 
 
-# A pool is replaced once a rank holds more gloo groups than this: the engines DeepSpeed cannot free
-# (ZeRO-3's) keep theirs. Replacing costs a few seconds; idle, 76 groups cost a rank ~6% of a core.
+# A pool is replaced once a rank holds more gloo groups than this (an engine a failed test never closed
+# keeps its groups). Replacing costs a few seconds; idle, 76 groups cost a rank ~6% of a core.
 MAX_GLOO_THREADS = 20
 
 

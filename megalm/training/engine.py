@@ -54,11 +54,14 @@ class Engine:
     last_update_skipped: bool = False  # DeepSpeed skipped the last step's update (fp16 overflow)
 
     def close(self) -> None:
-        """Release the DeepSpeed engine (`destroy()`: its module and gradient hooks). Those hooks tie the
-        engine, model and process groups into cycles through autograd's C++ nodes that the garbage
-        collector cannot free, so without this every engine built in a process stays alive, groups and
-        gloo threads with it. A ZeRO-3 engine still does (DESIGN decision 52). Unusable afterwards."""
+        """Free the DeepSpeed engine, so its model and process groups (and their gloo threads or NCCL
+        communicators) do not outlive the run in this process (DESIGN decision 52). Unusable afterwards."""
         self.ds.destroy()
+        _clear_zero3_release_cache()
+        # The engine's own attributes still hold the last step's tensors (PipelineEngine's `loss` and
+        # pipe buffers: their autograd graph's AccumulateGrad nodes keep the parameters, from C++, where
+        # the garbage collector cannot see). Dropping them all leaves only collectable cycles.
+        vars(self.ds).clear()
 
     # ---- one optimiser step over `micro_batches` (gradient accumulation inside) ----
     def train_step(self, micro_batches: list[Batch], poison: bool = False) -> float:
@@ -196,3 +199,16 @@ def build_engine(cfg: RunConfig, grid: ProcessGrid, device: torch.device | None 
                                        lr_scheduler=schedule, config=ds_config)
     once_per_step = OncePerStep(ds, hold_parameters=False) if cfg.parallel.reduces_gradients_per_step else None
     return Engine(ds, cfg, grid, is_pipeline=False, device=device, once_per_step=once_per_step)
+
+
+def _clear_zero3_release_cache() -> None:
+    """ZeRO-3's `PartitionedParameterCoordinator.__params_to_release` is a class-level
+    `functools.lru_cache` keyed by (coordinator, module, step): it keeps every coordinator ever used,
+    and through it that engine's parameters, model and process groups (deepspeed==0.19.8). Clearing it
+    only makes live coordinators recompute their release sets."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    traced = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(traced, "__closure__", None) or ():  # instrument_w_nvtx wraps the cached function
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()

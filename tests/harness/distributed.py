@@ -104,9 +104,8 @@ class RankPool:
         self._collect("ready", None, start_timeout, what=f"start of {world_size} ranks on port {self.port}")
 
     def gloo_threads(self) -> int:
-        """The most gloo loop threads any rank holds (one per live gloo group; 1 = the default group).
-        DeepSpeed's ZeRO-3 engines stay alive after their run (reference cycles through the parameters
-        that the garbage collector cannot free: DESIGN decision 52), and with them their groups."""
+        """The most gloo loop threads any rank holds: one per gloo group still alive (1 = the default
+        group), destroyed or not; an engine that was never closed keeps its groups (DESIGN decision 52)."""
         most = 0
         for p in self._procs:
             try:
