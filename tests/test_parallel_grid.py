@@ -106,10 +106,11 @@ def test_real_groups_on_4_ranks(rank_pool):
 
 def _gloo_threads() -> int:
     import gc
-    import glob
+
+    from tests.harness.distributed import gloo_loop_threads
 
     gc.collect()  # the engine's leftovers are ordinary cycles once it is closed
-    return sum(open(f).read().strip() == "gloo_tcp_loop" for f in glob.glob("/proc/self/task/*/comm"))
+    return gloo_loop_threads()
 
 
 def _groups_left_by_training(shard: str, run_dir: str) -> list[tuple[str, list[int], list[int]]]:

@@ -63,6 +63,17 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, stack_file: s
             pass
 
 
+def gloo_loop_threads(pid: int | str = "self") -> int:
+    """gloo loop threads of process `pid`: one per gloo group still alive (1 = the default group),
+    destroyed or not; 0 when the process is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        names = [open(f"/proc/{pid}/task/{t}/comm").read().strip() for t in tasks]
+    except OSError:
+        return 0
+    return names.count("gloo_tcp_loop")
+
+
 def _destroy_leftover_groups() -> None:
     """Each task starts with only the default group: a group a task left behind (a failed test's grid,
     a model built outside one) would keep its gloo threads polling for the rest of the session and slow
@@ -104,17 +115,9 @@ class RankPool:
         self._collect("ready", None, start_timeout, what=f"start of {world_size} ranks on port {self.port}")
 
     def gloo_threads(self) -> int:
-        """The most gloo loop threads any rank holds: one per gloo group still alive (1 = the default
-        group), destroyed or not; an engine that was never closed keeps its groups (DESIGN decision 52)."""
-        most = 0
-        for p in self._procs:
-            try:
-                names = [open(os.path.join(d, "comm")).read() for d in
-                         (os.path.join(f"/proc/{p.pid}/task", t) for t in os.listdir(f"/proc/{p.pid}/task"))]
-            except OSError:
-                continue
-            most = max(most, sum(n.strip() == "gloo_tcp_loop" for n in names))
-        return most
+        """The most gloo loop threads any rank holds (`gloo_loop_threads`); an engine that was never
+        closed keeps its groups (DESIGN decision 52)."""
+        return max((gloo_loop_threads(p.pid) for p in self._procs), default=0)
 
     def _stack_file(self, rank: int) -> str:
         return os.path.join(self._stack_dir, f"rank{rank}.stack")
