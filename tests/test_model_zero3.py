@@ -61,3 +61,37 @@ def test_zero3_dtype_check_names_parameter_and_both_dtypes(rank_pool):
         assert error is not None, "check_parameter_dtypes accepted bfloat16 parameters for train.precision=fp32"
         assert "train.precision=fp32" in error and "torch.float32" in error and "torch.bfloat16" in error
         assert "embedding.weight" in error and "zero.Init" in error, error
+
+
+def _zero3_gather_units(layout: list[str]) -> dict:
+    """Which modules of a built ZeRO-3 engine DeepSpeed registered (hooked) and which it treats as leaves."""
+    import deepspeed
+    from deepspeed.utils import z3_leaf_module
+    from megalm.config.run import load_run_config
+    from megalm.model.transformer import TransformerBlock
+    from megalm.parallel import destroy_process_grid, initialize_process_grid
+    from megalm.training.engine import build_engine
+    from tests.train_fixtures import TINY_RUN
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    cfg = load_run_config(TINY_RUN, ["parallel.zero_stage=3", "data.train_paths=[unused]", *layout])
+    grid = initialize_process_grid(cfg.parallel.tp, cfg.parallel.pp)
+    engine = build_engine(cfg, grid)
+    try:
+        blocks = [m for m in engine.ds.module.modules() if isinstance(m, TransformerBlock)]
+        inside = [sub for b in blocks for sub in b.modules() if sub is not b]
+        return {"blocks": len(blocks), "leaf_blocks": sum(z3_leaf_module(b) and hasattr(b, "ds_id") for b in blocks),
+                "hooked_inside_blocks": sum(hasattr(sub, "ds_id") for sub in inside)}
+    finally:
+        engine.close()
+        destroy_process_grid()
+
+
+@pytest.mark.parametrize("layout", [["parallel.pp=1", "parallel.tp=2"], ["parallel.pp=2"]], ids=["pp1-tp2", "pp2"])
+def test_zero3_gathers_whole_transformer_blocks(rank_pool, layout):
+    """Each TransformerBlock is one ZeRO-3 gather unit (DESIGN decision 53): DeepSpeed registers the block
+    and none of its ten submodules, at pp=1 and in the pipeline stage engines. Were DeepSpeed to stop
+    matching the class name (it ignores a leaf class it cannot find), this is what would notice."""
+    for rank, got in enumerate(rank_pool(4).run(_zero3_gather_units, layout, timeout=180)):
+        assert got["blocks"] > 0 and got["leaf_blocks"] == got["blocks"], (rank, got)
+        assert got["hooked_inside_blocks"] == 0, (rank, got)

@@ -7,8 +7,13 @@ import copy
 from megalm.config.deepspeed_overrides import check_deepspeed_overrides
 from megalm.config.run import RunConfig
 from megalm.config.zero_buckets import zero_bucket_elements
+from megalm.model.transformer import TransformerBlock
 
 from .optimizer import uses_guarded_optimizer
+
+
+# DeepSpeed matches leaf classes by fully qualified name (deepspeed.utils.z3_leaf_module).
+ZERO3_GATHER_UNIT = f"{TransformerBlock.__module__}.{TransformerBlock.__qualname__}"
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
@@ -40,6 +45,12 @@ def build_deepspeed_config(cfg: RunConfig, dp: int) -> dict:
         ds["zero_optimization"].update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if zero >= 2:
         ds["zero_optimization"].update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if zero == 3:
+        # One ZeRO-3 gather unit per TransformerBlock, as torchtitan applies FSDP2 per block: DeepSpeed
+        # gathers, releases and reduces a leaf module's parameters together and installs no hooks on its
+        # submodules, which cut the per-module Python bookkeeping (ten modules per block) that was the gap
+        # to HF + DeepSpeed and to PipelineEngine ZeRO-1 on CPU (DESIGN decision 53, bench/RESULTS.md).
+        ds["zero_optimization"]["leaf_module"] = {"classes": [ZERO3_GATHER_UNIT]}
     if zero == 3 and cfg.parallel.pp > 1:
         # ZeRO-3 x PP (one engine per stage, our 1F1B): every parameter partitioned and gathered on use, no
         # prefetch. ZeRO-3's trace-based prefetch assumes one forward then one backward per step, which
