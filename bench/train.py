@@ -10,13 +10,14 @@ model TFLOP/s per rank (megalm.model.flops), MFU when --peak-tflops is given, pe
 (peak RSS on CPU, max allocated on GPU).
 
 Baselines, same model shape, batch and sequence length, measured in this run:
-  plain  our GPTModel + torch.optim.AdamW in one process, no DeepSpeed, no process group (the overhead
+  plain  our GPTModel + torch.optim.AdamW (our options: fused) in one process, no DeepSpeed, no process group (the overhead
          of the distributed machinery at world size 1 must be <= 10%: compared with our ZeRO-0 layout
          1,1,1,0);
   hf     Hugging Face `transformers` LlamaForCausalLM (SDPA attention) with the same shape, trained by
          DeepSpeed ZeRO-3 with DeepSpeed's default ZeRO settings (what an HF + DeepSpeed user runs), vs
          our ZeRO-3 engine at the same DP size (target: ours >= 1.2x its tokens/s); printed as well, the
-         same HF model with the DeepSpeed config we generate (a second line, not the target).
+         same HF model with the DeepSpeed config we generate and our fused AdamW (a second line, not the
+         target: engine against engine with the same settings).
 Each measurement runs in fresh processes; the timed runs alternate ours/baseline --repeat times and
 the best median is kept (the machine may be shared, so single medians are noisy).
 """
@@ -167,7 +168,7 @@ def run_plain(config: str, overrides: list[str], steps: int, warmup: int) -> dic
     import torch
 
     from megalm.model import GPTModel
-    from megalm.training.optimizer import parameter_groups
+    from megalm.training.optimizer import adamw_options, parameter_groups
 
     cfg = _load(config, overrides)
     t = cfg.train
@@ -177,12 +178,7 @@ def run_plain(config: str, overrides: list[str], steps: int, warmup: int) -> dic
     device = run_device()
     model = GPTModel(cfg.model).to(device)
     model.activation_checkpointing = t.activation_checkpointing
-    # What an HF user writes: no weight decay on norms and the embedding (HF names, not GPTModel names).
-    named = list(model.named_parameters())
-    groups = [{"params": [p for n, p in named if "norm" not in n and "embed_tokens" not in n]},
-              {"params": [p for n, p in named if "norm" in n or "embed_tokens" in n], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, t), **adamw_options(t))  # our groups and options
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
 
     def step(i: int) -> None:
@@ -227,7 +223,8 @@ def deepspeed_defaults_config(cfg, dp: int) -> dict:
 
 def run_hf_zero3(config: str, overrides: list[str], steps: int, warmup: int, ds_settings: str = "defaults") -> dict:
     """LlamaForCausalLM (SDPA) of the same shape under DeepSpeed ZeRO-3, with DeepSpeed's default ZeRO
-    settings (`ds_settings="defaults"`: what an HF user runs) or the DeepSpeed config we generate ("ours")."""
+    settings and torch's default AdamW (`ds_settings="defaults"`: what an HF user runs), or the DeepSpeed
+    config we generate and our AdamW options (fused) ("ours")."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -235,6 +232,7 @@ def run_hf_zero3(config: str, overrides: list[str], steps: int, warmup: int, ds_
     from transformers import LlamaForCausalLM
 
     from megalm.training.deepspeed_config import build_deepspeed_config
+    from megalm.training.optimizer import adamw_options
     cfg = _load(config, overrides)
     dp = dist.get_world_size()
     accum = cfg.train.gradient_accumulation_steps(dp)
@@ -247,8 +245,11 @@ def run_hf_zero3(config: str, overrides: list[str], steps: int, warmup: int, ds_
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if "norm" not in n and "embed_tokens" not in n]},
               {"params": [p for n, p in named if "norm" in n or "embed_tokens" in n], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
+    if ds_settings == "ours":  # our DeepSpeed config and our optimizer implementation (fused AdamW)
+        opt = torch.optim.AdamW(groups, **adamw_options(t))
+    else:  # what an HF user writes
+        opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                weight_decay=t.weight_decay)
     ds, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     vocab = cfg.model.vocab_size
 
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(f"ours ZeRO-3 dp={d}", ours3, tokens, flops, args.peak_tflops))
         print(describe(f"baseline HF LlamaForCausalLM + DeepSpeed ZeRO-3 (DeepSpeed's defaults) dp={d}", hf, tokens,
                        flops, args.peak_tflops))
-        print(describe(f"variant HF LlamaForCausalLM + DeepSpeed ZeRO-3 (our generated config) dp={d}", hf_ours,
+        print(describe(f"variant HF LlamaForCausalLM + DeepSpeed ZeRO-3 (our generated config, fused AdamW) dp={d}", hf_ours,
                        tokens, flops, args.peak_tflops))
         ratio = hf["step_s"] / ours3["step_s"]
         print(f"ZeRO-3 throughput ratio (ours {tokens / ours3['step_s']:,.0f} tok/s / HF Llama + DeepSpeed defaults "

@@ -46,3 +46,28 @@ def test_lr_schedule_warmup_then_decay_to_floor():
     assert lr_at(110, cfg) == 0.1 and lr_at(500, cfg) == 0.1
     cfg.lr_decay = "linear"
     assert math.isclose(lr_at(35, cfg), 1.0 - 0.9 * 0.25, rel_tol=1e-9)
+
+
+def test_adamw_is_fused_and_keeps_torch_adamw_state_and_numbers():
+    """Our AdamW runs torch's fused kernel (DESIGN decision 54): same state tensors, the same update to
+    fp32 rounding, and a state dict written unfused loads and goes on unfused (its saved group's flag)."""
+    from megalm.training.optimizer import adamw_options
+
+    train = TrainConfig(weight_decay=0.1)
+    opts = adamw_options(train)
+    assert opts["fused"] is True
+    torch.manual_seed(0)
+    fused_p = torch.nn.Parameter(torch.randn(1000))
+    plain_p = torch.nn.Parameter(fused_p.detach().clone())
+    fused = torch.optim.AdamW([fused_p], **opts)
+    plain = torch.optim.AdamW([plain_p], **{**opts, "fused": False})
+    for _ in range(3):
+        grad = torch.randn(1000)
+        fused_p.grad, plain_p.grad = grad.clone(), grad.clone()
+        fused.step()
+        plain.step()
+    assert torch.allclose(fused_p, plain_p, rtol=1e-6, atol=1e-7), (fused_p - plain_p).abs().max()
+    assert set(fused.state[fused_p]) == set(plain.state[plain_p]) == {"step", "exp_avg", "exp_avg_sq"}
+    resumed = torch.optim.AdamW([torch.nn.Parameter(plain_p.detach().clone())], **opts)
+    resumed.load_state_dict(plain.state_dict())
+    assert resumed.param_groups[0]["fused"] is False

@@ -46,7 +46,9 @@ def _init_adam_state(params: list[torch.Tensor], base: torch.optim.Optimizer, st
     state setters have tensors to write into; `step` is the bias-correction count to continue from."""
     for p in params:
         st = base.state[p]
-        st["step"] = torch.tensor(float(step), dtype=torch.float32)
+        # torch's rule: fused (and capturable) AdamW keeps `step` on the parameter's device, the others on CPU
+        on_device = base.defaults.get("fused") or base.defaults.get("capturable")
+        st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
         for key in MOMENTS:
             st[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
 

@@ -12,8 +12,10 @@ partitions: the reduced partition and the master's .grad), ZeRO-3 also the param
 gathered layer by layer (with DeepSpeed's defaults max_live_parameters = max_reuse_distance = 1e9
 elements they stay gathered from forward to backward, so up to min(P, 1e9) elements are live).
 
-Transients: torch's foreach AdamW allocates one temporary of the updated (partition's) size in step();
-activations are counted when the last micro-batch's forward reaches the loss (the memory peak of the
+Transients: the optimizer allocates nothing in step() (torch's fused AdamW; the unfused one allocated a
+temporary of the updated partition's size); at ZeRO-0 DeepSpeed's gradient all-reduce flattens the
+gradients (buckets of up to 5e8 elements) while the Adam state is alive, from the second step on (125m
+tp=1: 20P measured, 16P after one step); activations are counted when the last micro-batch's forward reaches the loss (the memory peak of the
 forward/backward), gradients at the optimizer step; the peak is the larger of the two.
 
 Activations per token per layer, elements (from what autograd saves in `megalm.model.transformer`;
@@ -54,6 +56,7 @@ from .layouts import Layout
 
 GIB = 2**30
 ZERO3_MAX_LIVE = 1_000_000_000  # stage3_max_live_parameters / max_reuse_distance defaults
+ZERO0_ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE
 
 
 @dataclass
@@ -152,11 +155,11 @@ def estimate_memory(cfg: ModelConfig, layout: Layout, seq_len: int, global_batch
             # the one reduce-scatter at its end.
             persistent_grads += pbytes * P
         e.grads = persistent_grads
-        # ---- optimizer state (+ foreach AdamW's temporary at step time)
+        # ---- optimizer state (fused AdamW, megalm.training.optimizer: no temporary at step time)
         e.optimizer = (8 if fp32 else 12) * P if z == 0 else 12 * P / D
-        # ZeRO-1/2 release the full-size gradients after reducing them, which covers the step's temporary.
-        step_temp = 4 * P if z in (0, 3) else 0.0
-        step_temp = step_temp / D if z == 3 else step_temp
+        # ZeRO-0: DeepSpeed's gradient all-reduce at the boundary flattens the gradients into buckets of up
+        # to 5e8 elements (engine.allreduce_gradients, also at dp=1), alive with the Adam state.
+        step_temp = pbytes * min(P, ZERO0_ALLREDUCE_BUCKET) if z == 0 else 0.0
         # ---- activations at the loss of the last micro-batch in flight
         tokens = layout.micro_batch * seq_len
         in_flight = min(pp - s, m) if pp > 1 else 1

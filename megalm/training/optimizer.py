@@ -14,7 +14,7 @@ from megalm.parallel.grid import ProcessGrid
 
 from .param_groups import parameter_groups
 
-__all__ = ["GuardedAdamW", "build_optimizer", "parameter_groups", "uses_guarded_optimizer"]
+__all__ = ["GuardedAdamW", "adamw_options", "build_optimizer", "parameter_groups", "uses_guarded_optimizer"]
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -67,8 +67,19 @@ def uses_guarded_optimizer(cfg: TrainConfig, zero_stage: int) -> bool:
     return zero_stage == 0 and cfg.precision == "fp32"
 
 
+def adamw_options(cfg: TrainConfig) -> dict:
+    """torch.optim.AdamW's arguments for a run. `fused=True` (torchtitan's default implementation): one
+    kernel per parameter tensor instead of a dozen elementwise passes. ZeRO steps one flat fp32 partition
+    per group, so this is the whole optimizer step: on 125m's 124 M parameters (CPU, 2 threads) 78 ms
+    against 442 ms (DESIGN decision 54). The state it keeps is the same (`step`, `exp_avg`, `exp_avg_sq`);
+    torch's `load_state_dict` restores a saved group's `fused` flag, so resuming, at the same layout, a
+    step written unfused keeps stepping unfused, bitwise as before."""
+    return dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                fused=True)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, zero_stage: int, grid: ProcessGrid) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    kwargs = adamw_options(cfg)
     groups = parameter_groups(model, cfg)
     if uses_guarded_optimizer(cfg, zero_stage):
         return GuardedAdamW(groups, grid=grid, max_norm=cfg.grad_clip, **kwargs)
