@@ -15,8 +15,9 @@ elements they stay gathered from forward to backward, so up to min(P, 1e9) eleme
 Transients: the optimizer allocates nothing in step() (torch's fused AdamW; the unfused one allocated a
 temporary of the updated partition's size); at ZeRO-0 DeepSpeed's gradient all-reduce flattens the
 gradients (buckets of up to 5e8 elements) while the Adam state is alive, from the second step on (125m
-tp=1: 20P measured, 16P after one step); activations are counted when the last micro-batch's forward reaches the loss (the memory peak of the
-forward/backward), gradients at the optimizer step; the peak is the larger of the two.
+tp=1: 20P measured, 16P after one step); activations are counted when the last micro-batch's forward
+reaches the loss (the memory peak of the forward/backward), gradients at the optimizer step; the peak is
+the larger of the two.
 
 Activations per token per layer, elements (from what autograd saves in `megalm.model.transformer`;
 norms and residuals are not split by TP, everything inside attention/MLP is):
